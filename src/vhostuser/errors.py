@@ -31,6 +31,14 @@ __all__ = [
     "InvalidAvailIndex",
     "InvalidIndirectTable",
     "DeviceError",
+    "UnsupportedVariant",
+    "MessageFramingError",
+    "UnknownRequest",
+    "InvalidMessage",
+    "FdCountError",
+    "RequestNotAllowed",
+    "RequestNotSupported",
+    "RequestFailed",
 ]
 
 
@@ -122,3 +130,103 @@ class InvalidIndirectTable(QueueError):
 # ------------------------------------------------------------------------ device
 class DeviceError(VhostUserError):
     """A device back-end failed to handle a request."""
+
+
+# ------------------------------------------------------------ OS layer variants
+class UnsupportedVariant(VhostUserError, ValueError):
+    """A forced OS-layer variant (a ``kind=`` argument or a ``VHOSTUSER_*``
+    environment variable such as ``VHOSTUSER_SELECTOR=kqueue``) is unknown or is
+    not available on this system."""
+
+
+# ------------------------------------------------------- protocol (details)
+class _RemoteProtocolErrorWithFate(RemoteProtocolError):
+    """A :class:`RemoteProtocolError` that says whether the connection survives.
+
+    ``fatal`` is True when the connection must be dropped (the byte stream can no
+    longer be trusted, or the peer waits for a reply we cannot give).
+    """
+
+    fatal: bool = False
+
+    def __init__(self, message: str, *, request: object | None = None, fatal: bool | None = None) -> None:
+        super().__init__(message, request=request)
+        if fatal is not None:
+            self.fatal = fatal
+
+
+class MessageFramingError(_RemoteProtocolErrorWithFate):
+    """The peer's byte stream is not a vhost-user message stream (wrong version,
+    reserved flag bits, a size over the 4 KiB limit, EOF inside a message).
+    Always fatal: the connection must be dropped."""
+
+    fatal = True
+
+
+class UnknownRequest(_RemoteProtocolErrorWithFate):
+    """The peer sent a request code this side does not know.  The message was
+    skipped; the connection stays usable."""
+
+
+class InvalidMessage(_RemoteProtocolErrorWithFate):
+    """A well-framed message whose payload is wrong for its request: size not
+    matching the payload type, too many memory regions, a config space size that
+    does not match, a REPLY flag where none belongs, a bad field value."""
+
+
+class FdCountError(_RemoteProtocolErrorWithFate):
+    """A message came with the wrong number of file descriptors (they were closed)."""
+
+
+class RequestNotAllowed(_RemoteProtocolErrorWithFate):
+    """A request arrived that negotiation does not allow: its protocol feature was
+    not negotiated, ``VHOST_USER_F_PROTOCOL_FEATURES`` was not offered, or it came
+    before SET_OWNER."""
+
+
+class RequestNotSupported(DeviceError):
+    """The back-end (handler) does not implement this request."""
+
+
+class RequestFailed(VhostUserError):
+    """The peer answered a request with a failure (a non-zero REPLY_ACK, an empty
+    GET_CONFIG reply, ...).  ``request`` names it and ``code`` is the value returned."""
+
+    def __init__(self, message: str, *, request: object | None = None, code: int | None = None) -> None:
+        super().__init__(message)
+        self.request = request
+        self.code = code
+
+
+# ------------------------------------------- guest memory / virtqueue additions
+class QueueNotReady(QueueError):
+    """The virtqueue is not configured and enabled (no size, no addresses, not ready)."""
+
+
+class QueueBroken(QueueError):
+    """The virtqueue failed earlier (hostile or corrupt ring) and refuses work until reset."""
+
+
+class QueueAddressError(QueueError, GuestAddressError):
+    """A ring area (descriptor table, avail/used ring, event area) is misaligned or
+    not inside one guest memory region."""
+
+
+class DescriptorAddressError(InvalidDescriptorError, GuestAddressError):
+    """A descriptor's buffer is not entirely inside guest memory."""
+
+
+class IndirectTableAddressError(InvalidIndirectTable, GuestAddressError):
+    """An indirect descriptor table is not inside one guest memory region."""
+
+
+class QueueUsageError(VhostUserError, ValueError):
+    """The device used the queue API incorrectly (a bug in the device, not in the
+    driver): e.g. ``add_used`` of an out-of-range head or of more buffers than are
+    in flight.  The queue state is left unchanged."""
+
+
+class ChainTooShort(DeviceError, EOFError):
+    """A :class:`~vhostuser.virtqueue.Reader` or :class:`~vhostuser.virtqueue.Writer`
+    ran out of chain bytes: the driver's buffers are shorter than the request needs.
+    The device should fail that request, not the queue."""

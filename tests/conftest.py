@@ -1,0 +1,87 @@
+"""Shared test helpers: fd-leak detection.
+
+Use the ``no_fd_leak`` fixture on any test that opens fds::
+
+    def test_something(no_fd_leak): ...
+
+or, inside a hypothesis test (function-scoped fixtures do not run per example),
+the context manager::
+
+    from conftest import check_no_fd_leak
+
+    with check_no_fd_leak():
+        ...
+
+``variant_params(Kind, AVAILABLE)`` makes one ``pytest.param`` per member of an
+OS-layer variant enum (``EventKind``, ``ShmKind``, ``SelectorKind``), skipping the
+ones this system lacks, so one test body covers every variant.
+
+The leak checks compare the set of this process's open fds before and after and fail with
+the leaked fds and what they point to (``/proc/self/fd/N`` link target).  Objects
+that close their fds only when garbage-collected count as leaks: close explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+from collections.abc import Collection, Iterator
+
+import pytest
+
+_FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def open_fds() -> set[int]:
+    """The fds open in this process right now.
+
+    Lists ``/proc/self/fd`` (``/dev/fd`` elsewhere) and drops the fds that are no
+    longer open afterwards (the directory fd the listing itself used).
+    """
+    return {fd for fd in map(int, os.listdir(_FD_DIR)) if _is_open(fd)}
+
+
+def describe_fd(fd: int) -> str:
+    """``fd -> target`` for error messages (the target is best effort)."""
+    try:
+        return f"{fd} -> {os.readlink(f'{_FD_DIR}/{fd}')}"
+    except OSError:
+        return str(fd)
+
+
+@contextlib.contextmanager
+def check_no_fd_leak() -> Iterator[None]:
+    """Assert that the block leaves exactly the fds open that were open before it
+    (no fd leaked, none closed that the block did not own)."""
+    before = open_fds()
+    yield
+    after = open_fds()
+    leaked, lost = sorted(after - before), sorted(before - after)
+    assert not leaked and not lost, (
+        f"fd leak: opened and not closed: {[describe_fd(fd) for fd in leaked]}; closed but not ours: {lost}"
+    )
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """Fail the test if it leaves fds open (or closes fds it did not open)."""
+    with check_no_fd_leak():
+        yield
+
+
+def variant_params(kinds: type[enum.Enum], available: Collection[enum.Enum]) -> list:
+    """One ``pytest.param`` per member of ``kinds`` (id: its value), skipped unless in ``available``."""
+    return [
+        pytest.param(
+            k, id=str(k.value), marks=pytest.mark.skipif(k not in available, reason=f"{k.value} not available here")
+        )
+        for k in kinds
+    ]
