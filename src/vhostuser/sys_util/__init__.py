@@ -13,43 +13,7 @@ See ``docs/os-layer.md``.
 """
 from __future__ import annotations
 
-import os
-from collections.abc import Collection
-from enum import Enum
-from typing import TypeVar
-
-from ..errors import UnsupportedVariant
-
-_E = TypeVar("_E", bound=Enum)
-
-
-def _choose_variant(
-    enum_cls: type[_E], requested: _E | str | None, env_var: str, available: Collection[_E], default: _E
-) -> _E:
-    """Resolve a variant: the argument if given, else ``$env_var`` if set, else ``default``.
-
-    Defined before the submodule imports below because they import it.
-    Raises :class:`UnsupportedVariant` for unknown names and unavailable variants.
-    """
-    source = "argument"
-    value: object = requested
-    if value is None:
-        value = os.environ.get(env_var, "").strip()
-        source = env_var
-        if not value:
-            return default
-    if not isinstance(value, enum_cls):
-        try:
-            value = enum_cls(str(value).lower())
-        except ValueError:
-            names = ", ".join(str(m.value) for m in enum_cls)
-            raise UnsupportedVariant(f"{source}={value!r}: expected one of {names}") from None
-    if value not in available:
-        raise UnsupportedVariant(f"{enum_cls.__name__}.{value.name} ({source}) is not available on this system")
-    return value
-
-
-from .event import (  # noqa: E402
+from .event import (
     AVAILABLE_EVENT_KINDS,
     DEFAULT_EVENT_KIND,
     EventConsumer,
@@ -57,7 +21,7 @@ from .event import (  # noqa: E402
     EventNotifier,
     new_event_consumer_and_notifier,
 )
-from .poll import (  # noqa: E402
+from .poll import (
     AVAILABLE_SELECTOR_KINDS,
     DEFAULT_SELECTOR_KIND,
     EVENT_READ,
@@ -65,7 +29,7 @@ from .poll import (  # noqa: E402
     Poller,
     SelectorKind,
 )
-from .shm import (  # noqa: E402
+from .shm import (
     AVAILABLE_SHM_KINDS,
     DEFAULT_SHM_KIND,
     MappedRegion,
@@ -75,7 +39,7 @@ from .shm import (  # noqa: E402
     create_shm_fd,
     map_fd,
 )
-from .sock_ctrl_msg import (  # noqa: E402
+from .sock_ctrl_msg import (
     HAVE_MSG_CMSG_CLOEXEC,
     MAX_FDS,
     recv_into_with_fds,

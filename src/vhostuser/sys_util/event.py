@@ -21,7 +21,7 @@ import struct
 import warnings
 from typing import Final, TypeVar
 
-from . import _choose_variant
+from ._variant import _choose_variant
 
 __all__ = [
     "AVAILABLE_EVENT_KINDS",

@@ -19,7 +19,7 @@ import selectors
 import threading
 from typing import Final, Protocol, Union
 
-from . import _choose_variant
+from ._variant import _choose_variant
 from .event import EventKind, new_event_consumer_and_notifier
 
 __all__ = [

@@ -28,7 +28,7 @@ import os
 import secrets
 from typing import Callable, Final
 
-from . import _choose_variant
+from ._variant import _choose_variant
 
 __all__ = [
     "AVAILABLE_SHM_KINDS",
