@@ -230,3 +230,22 @@ class ChainTooShort(DeviceError, EOFError):
     """A :class:`~vhostuser.virtqueue.Reader` or :class:`~vhostuser.virtqueue.Writer`
     ran out of chain bytes: the driver's buffers are shorter than the request needs.
     The device should fail that request, not the queue."""
+
+
+# ------------------------------------------------------------------ vsock device
+class VsockError(DeviceError):
+    """An error of the bundled vsock device (:mod:`vhostuser.devices.vsock`)."""
+
+
+class VsockPacketError(VsockError, ValueError):
+    """The guest sent a malformed virtio-vsock packet (short header, a ``len``
+    that does not match the payload, an unknown op or type).  The packet is
+    dropped (or answered with RST); the device keeps running."""
+
+
+class VsockConfigError(VsockError, ValueError):
+    """An invalid vsock device configuration (command line, ``--vm`` string or
+    ``--config`` file)."""
+
+
+__all__ += ["VsockError", "VsockPacketError", "VsockConfigError"]
