@@ -190,12 +190,12 @@ class MemoryRegion(Payload):
 
     guest_phys_addr: int = 0
     memory_size: int = 0
-    user_addr: int = 0
+    userspace_addr: int = 0
     mmap_offset: int = 0
     SIZE: ClassVar[int | None] = 32
     _FORMAT: ClassVar[str | None] = "=QQQQ"
     _LIMITS: ClassVar[dict[str, int]] = {
-        "guest_phys_addr": _U64, "memory_size": _U64, "user_addr": _U64, "mmap_offset": _U64,
+        "guest_phys_addr": _U64, "memory_size": _U64, "userspace_addr": _U64, "mmap_offset": _U64,
     }
 
 

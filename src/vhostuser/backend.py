@@ -1,0 +1,211 @@
+"""``VhostUserBackend``: the class a device author subclasses.
+
+The vocabulary is rust-vmm's ``vhost-user-backend`` crate, in idiomatic Python:
+one class, no twin ``&self``/``&mut self`` traits, no lock wrappers.  The
+smallest device overrides :attr:`num_queues`, :meth:`features` and
+:meth:`handle_event`::
+
+    class Echo(VhostUserBackend):
+        num_queues = 1
+
+        def handle_event(self, device_event, vrings, thread_id):
+            vring = vrings[device_event]
+            for chain in vring.pop_batch():
+                data = chain.reader().read_all()
+                vring.add_used(chain, chain.writer().write(data))
+            vring.signal_used_queue()
+
+Threading: the daemon's protocol thread calls the configuration methods
+(:meth:`acked_features`, :meth:`update_memory`, :meth:`get_config`, ...);
+worker threads call :meth:`handle_event`.  While a worker runs
+:meth:`handle_event`, the protocol thread cannot change the rings that worker
+serves (it waits for the worker's lock), so a device never sees a ring change
+under its feet.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from .errors import DeviceError
+from .protocol.message import VhostUserProtocolFeatures as PF
+from .protocol.message import VirtioFeatures
+
+if TYPE_CHECKING:
+    from .backend_channel import BackendChannel
+    from .memory import GuestMemory
+    from .sys_util.event import EventConsumer
+    from .vring import VringState
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+#: Token values at or above this are free for a device's own fds
+#: (see :meth:`VhostUserBackend.register_fd`); below it they name vrings.
+FIRST_DEVICE_TOKEN = 1 << 16
+
+
+class VhostUserBackend:
+    """Base class of a vhost-user device back-end.
+
+    Override what your device needs; every method has a sensible default.
+    """
+
+    #: number of virtqueues the device has
+    num_queues: ClassVar[int] = 1
+    #: the largest queue size the device accepts
+    max_queue_size: ClassVar[int] = 1024
+    #: virtio device features the device offers (device-specific bits).
+    #: VERSION_1, RING_EVENT_IDX, RING_INDIRECT_DESC and RING_PACKED are added
+    #: by :meth:`features` unless you override it.
+    device_features: ClassVar[int] = 0
+    #: the device's config space (``None``: the device has none)
+    config_space: bytes | None = None
+
+    def __init__(self) -> None:
+        self._acked_features = 0
+        self._event_idx = False
+        self.memory: GuestMemory | None = None
+        self.backend_channel: BackendChannel | None = None
+        self._workers: list[Worker] = []
+
+    # ------------------------------------------------------------ negotiation
+    def features(self) -> int:
+        """Virtio features offered to the front-end (``VHOST_USER_F_PROTOCOL_FEATURES``
+        is added by the daemon)."""
+        return (
+            VirtioFeatures.VERSION_1
+            | VirtioFeatures.RING_EVENT_IDX
+            | VirtioFeatures.RING_INDIRECT_DESC
+            | VirtioFeatures.RING_PACKED
+            | self.device_features
+        )
+
+    def protocol_features(self) -> PF:
+        """Protocol features the device supports.
+
+        The daemon adds the ones it implements itself for every device (MQ,
+        REPLY_ACK, CONFIGURE_MEM_SLOTS, BACKEND_REQ, BACKEND_SEND_FD, LOG_SHMFD,
+        RESET_DEVICE, STATUS, INFLIGHT_SHMFD); return here the ones that need
+        device work, e.g. ``CONFIG`` (added automatically when
+        :attr:`config_space` is set), ``SHARED_OBJECT`` or ``DEVICE_STATE``.
+        """
+        pf = PF(0)
+        if self.config_space is not None:
+            pf |= PF.CONFIG
+        return pf
+
+    def acked_features(self, features: int) -> None:
+        """The front-end acknowledged ``features`` (SET_FEATURES, maybe repeatedly)."""
+        self._acked_features = features
+
+    @property
+    def acked(self) -> int:
+        """The features the front-end acknowledged last."""
+        return self._acked_features
+
+    def set_event_idx(self, enabled: bool) -> None:
+        """VIRTIO_F_RING_EVENT_IDX was (not) negotiated."""
+        self._event_idx = enabled
+
+    # ----------------------------------------------------------------- memory
+    def update_memory(self, memory: GuestMemory) -> None:
+        """The guest memory table changed (SET_MEM_TABLE, ADD/REM_MEM_REG)."""
+        self.memory = memory
+
+    # ----------------------------------------------------------------- config
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes of the config space at ``offset`` (GET_CONFIG)."""
+        space = self.config_space or b""
+        if offset < 0 or size < 0 or offset + size > len(space):
+            raise DeviceError(f"config read [{offset}, +{size}) outside the {len(space)}-byte config space")
+        return bytes(space[offset:offset + size])
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """Write the config space (SET_CONFIG).  The default refuses writes."""
+        raise DeviceError("this device's config space is read-only")
+
+    # ---------------------------------------------------------------- threads
+    def queues_per_thread(self) -> Sequence[int]:
+        """One bit mask of queue indices per worker thread.
+
+        The default serves every queue from one thread.
+        """
+        return [(1 << self.num_queues) - 1]
+
+    def exit_event(self, thread_id: int) -> EventConsumer | None:
+        """An event that, when signalled, makes worker ``thread_id`` exit.
+
+        The daemon stops its workers itself; override this only if the device
+        wants to end a worker on its own.
+        """
+        return None
+
+    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
+        """Process an event.
+
+        ``device_event`` is the index of a queue whose kick fd fired (the ring is
+        started and enabled), or a token the device registered with
+        :meth:`register_fd`.  ``vrings`` are all of the device's vrings, indexed
+        by queue index.  Raising an exception fails the queue it names: the
+        error is logged, the vring's error fd is signalled, and the daemon keeps
+        serving.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement handle_event()")
+
+    # ------------------------------------------------------------- ring hooks
+    def vring_started(self, index: int, vring: VringState) -> None:
+        """Queue ``index`` became started and enabled (called on its worker thread's
+        lock, before any :meth:`handle_event` for it).  Lets a device begin work
+        that does not wait for a kick, e.g. an rx queue that has data pending."""
+
+    def vring_stopped(self, index: int, vring: VringState) -> None:
+        """Queue ``index`` stopped or was disabled (GET_VRING_BASE,
+        SET_VRING_ENABLE 0, reset, disconnect)."""
+
+    # ------------------------------------------------------ device-owned fds
+    def register_fd(self, fd: int, token: int, thread_id: int = 0) -> None:
+        """Watch ``fd`` for readability in worker ``thread_id``; when it is
+        readable, :meth:`handle_event` is called with ``device_event=token``.
+
+        ``token`` must be at least :data:`FIRST_DEVICE_TOKEN`.
+        """
+        if token < FIRST_DEVICE_TOKEN:
+            raise ValueError(f"device tokens must be >= FIRST_DEVICE_TOKEN ({FIRST_DEVICE_TOKEN})")
+        self._worker(thread_id).register_fd(fd, token)
+
+    def unregister_fd(self, fd: int, thread_id: int = 0) -> None:
+        """Stop watching ``fd`` (registered with :meth:`register_fd`)."""
+        self._worker(thread_id).unregister_fd(fd)
+
+    def _worker(self, thread_id: int) -> Worker:
+        try:
+            return self._workers[thread_id]
+        except IndexError:
+            raise ValueError(f"no worker thread {thread_id} (is the daemon running?)") from None
+
+    # ---------------------------------------------------- back-end channel etc.
+    def set_backend_req_fd(self, channel: BackendChannel) -> None:
+        """The front-end gave us a channel for back-end requests (SET_BACKEND_REQ_FD)."""
+        self.backend_channel = channel
+
+    def get_shared_object(self, uuid: bytes) -> int:
+        """Return an fd (which the daemon sends and then closes) for the shared
+        object ``uuid`` (GET_SHARED_OBJECT).  Devices that export objects override."""
+        raise DeviceError("this device exports no shared objects")
+
+    def reset_device(self) -> None:
+        """Reset device state (RESET_DEVICE, SET_STATUS 0, or front-end disconnect)."""
+        self._acked_features = 0
+        self._event_idx = False
+
+    # ----------------------------------------------------- device state (migration)
+    def save_state(self) -> bytes:
+        """Serialise the device's internal state for migration (DEVICE_STATE)."""
+        return b""
+
+    def load_state(self, state: bytes) -> None:
+        """Restore state produced by :meth:`save_state` in another process."""
+        if state:
+            raise DeviceError("this device has no migratable state but received some")

@@ -1,0 +1,354 @@
+"""``VhostUserHandler``: applies front-end requests to a device.
+
+This is the back-end side of every vhost-user request, for any
+:class:`~vhostuser.backend.VhostUserBackend`: it owns the vrings, the worker
+threads, the guest memory, the back-end channel and the negotiated features.
+The protocol layer (:mod:`vhostuser.handler`) decodes, validates and
+dispatches; this class decides what each request *does*.
+
+Locking rule: a method that changes a vring takes that vring's lock (the lock
+of the worker thread serving it) first, so a worker is never inside the device
+while its ring changes, and GET_VRING_BASE waits for the worker to leave.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+from .backend import VhostUserBackend
+from .backend_channel import BackendChannel
+from .errors import DeviceError, RemoteProtocolError
+from .handler import BackendReqHandler
+from .memory import MAX_MEM_SLOTS, DirtyLog, GuestMemory, MemoryRegion
+from .protocol.message import VhostUserProtocolFeatures as PF
+from .protocol.message import VirtioFeatures as VF
+from .protocol import payloads as P
+from .sys_util.event import EventConsumer, EventNotifier
+from .vring import VringAddresses, VringState
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+#: Protocol features the daemon implements for every device.
+DAEMON_PROTOCOL_FEATURES = (
+    PF.MQ
+    | PF.REPLY_ACK
+    | PF.BACKEND_REQ
+    | PF.BACKEND_SEND_FD
+    | PF.CONFIGURE_MEM_SLOTS
+    | PF.LOG_SHMFD
+    | PF.RESET_DEVICE
+    | PF.STATUS
+    | PF.INBAND_NOTIFICATIONS
+)
+
+#: Ring features the library's queues implement, accepted even when the
+#: device did not offer them (QEMU 7.2's vhost-user-rng acks them regardless).
+RING_FEATURES = VF.RING_INDIRECT_DESC | VF.RING_EVENT_IDX
+
+#: VHOST_USER_VRING_NOFD_MASK: bit 8 of SET_VRING_KICK/CALL/ERR's u64
+VRING_NOFD = 1 << 8
+
+
+class VhostUserHandler(BackendReqHandler):
+    """The back-end side of the protocol for one device (see module docs)."""
+
+    def __init__(self, backend: VhostUserBackend) -> None:
+        super().__init__()
+        self.backend = backend
+        masks = list(backend.queues_per_thread())
+        self.workers: list[Worker] = []
+        self.vrings: list[VringState] = []
+        locks = [threading.RLock() for _ in masks]
+        owner = {}
+        for thread_id, mask in enumerate(masks):
+            for q in range(backend.num_queues):
+                if mask >> q & 1 and q not in owner:
+                    owner[q] = thread_id
+        missing = [q for q in range(backend.num_queues) if q not in owner]
+        if missing:
+            raise DeviceError(f"queues_per_thread() leaves queues {missing} without a worker")
+        self.vrings = [VringState(q, backend.max_queue_size, locks[owner[q]]) for q in range(backend.num_queues)]
+        self._owner = owner
+        for thread_id in range(len(masks)):
+            queues = [q for q, t in owner.items() if t == thread_id]
+            self.workers.append(Worker(thread_id, backend, self.vrings, queues, locks[thread_id]))
+        backend._workers = self.workers  # noqa: SLF001 - the daemon wires the device to its workers
+        self.memory: GuestMemory | None = None
+        self.dirty_log: DirtyLog | None = None
+        self.log_notifier: EventNotifier | None = None
+        self.channel: BackendChannel | None = None
+        self.status = 0
+        self._reset_negotiation()
+
+    def _reset_negotiation(self) -> None:
+        self.owned = False
+        self.acked_features = 0
+        self.acked_protocol_features = PF(0)
+
+    # --------------------------------------------------------------- helpers
+    def start_workers(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def _vring(self, index: int) -> VringState:
+        if not 0 <= index < len(self.vrings):
+            raise RemoteProtocolError(f"vring index {index} out of range (the device has {len(self.vrings)} queues)")
+        return self.vrings[index]
+
+    def _worker_of(self, index: int) -> Worker:
+        return self.workers[self._owner[index]]
+
+    def _all_locks(self) -> ExitStack:
+        stack = ExitStack()
+        for worker in self.workers:
+            stack.enter_context(worker.lock)
+        return stack
+
+    @property
+    def protocol_features_negotiated(self) -> bool:
+        return bool(self.acked_features & VF.PROTOCOL_FEATURES)
+
+    def _stop_ring(self, vring: VringState) -> int:
+        """Stop one ring (caller holds its lock); returns its base."""
+        was_running = vring.started and vring.enabled
+        self._worker_of(vring.index).unwatch_kick(vring.index)
+        base = vring.stop()
+        if was_running:
+            try:
+                self.backend.vring_stopped(vring.index, vring)
+            except Exception:  # noqa: BLE001
+                log.exception("vring_stopped hook failed for queue %d", vring.index)
+        return base
+
+    # ------------------------------------------------------ feature negotiation
+    def get_features(self) -> int:
+        return int(self.backend.features()) | VF.PROTOCOL_FEATURES | VF.LOG_ALL
+
+    def set_features(self, features: int) -> None:
+        offered = self.get_features()
+        extra = features & ~offered
+        if extra & ~RING_FEATURES:
+            raise RemoteProtocolError(f"SET_FEATURES acks features {extra:#x} that were not offered")
+        if extra:
+            log.warning("front-end acked ring features %#x that were not offered; accepting them", extra)
+        self.acked_features = features
+        event_idx = bool(features & VF.RING_EVENT_IDX)
+        packed = bool(features & VF.RING_PACKED)
+        for vring in self.vrings:
+            with vring.lock:
+                vring.event_idx = event_idx
+                vring.packed = packed
+                if not self.protocol_features_negotiated:
+                    vring.enabled = True  # the spec: rings start enabled without protocol features
+        self.backend.acked_features(features)
+        self.backend.set_event_idx(event_idx)
+
+    def get_protocol_features(self) -> int:
+        return int(DAEMON_PROTOCOL_FEATURES | self.backend.protocol_features())
+
+    def set_protocol_features(self, features: int) -> None:
+        pf = PF(features & self.get_protocol_features())
+        if features & ~self.get_protocol_features():
+            log.warning("front-end set protocol features %#x that were not offered; ignoring them",
+                        features & ~self.get_protocol_features())
+        if pf & PF.INBAND_NOTIFICATIONS and not (pf & PF.BACKEND_REQ and pf & PF.REPLY_ACK):
+            raise RemoteProtocolError("INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK", request=None)
+        self.acked_protocol_features = pf
+
+    def set_owner(self) -> None:
+        self.owned = True
+
+    def reset_owner(self) -> None:
+        self.reset_device()
+
+    def get_queue_num(self) -> int:
+        return self.backend.num_queues
+
+    # ----------------------------------------------------------------- memory
+    def _install_memory(self, memory: GuestMemory) -> None:
+        old = self.memory
+        with self._all_locks():
+            self.memory = memory
+            for worker in self.workers:
+                worker.memory = memory
+            for vring in self.vrings:
+                vring.update_memory(memory)
+            self.backend.update_memory(memory)
+        if old is not None and old is not memory:
+            old.close()
+
+    def set_mem_table(self, regions: Sequence[P.MemoryRegion], fds: list[int]) -> None:
+        self._install_memory(GuestMemory.from_table(regions, fds))
+
+    def get_max_mem_slots(self) -> int:
+        return MAX_MEM_SLOTS
+
+    def add_mem_reg(self, region: P.MemoryRegion, fd: int) -> None:
+        base = self.memory if self.memory is not None else GuestMemory()
+        self._install_memory(base.with_region(MemoryRegion.from_description(region, fd)))
+
+    def rem_mem_reg(self, region: P.MemoryRegion) -> None:
+        if self.memory is None:
+            raise DeviceError("REM_MEM_REG without a memory table")
+        self._install_memory(self.memory.without_region(region.guest_phys_addr, region.memory_size))
+
+    def set_log_base(self, log_payload: P.Log, fd: int) -> None:
+        new = DirtyLog.from_fd(fd, log_payload.mmap_size, log_payload.mmap_offset)
+        old = self.dirty_log
+        with self._all_locks():
+            self.dirty_log = new
+            if self.memory is not None:
+                self.memory.set_dirty_log(new)
+        if old is not None:
+            old.close()
+
+    def set_log_fd(self, fd: int) -> None:
+        if self.log_notifier is not None:
+            self.log_notifier.close()
+        self.log_notifier = EventNotifier.from_fd(fd)
+
+    # ------------------------------------------------------------------ vrings
+    def set_vring_num(self, index: int, num: int) -> None:
+        vring = self._vring(index)
+        if not 0 < num <= self.backend.max_queue_size:
+            raise RemoteProtocolError(f"vring {index}: size {num} not in 1..{self.backend.max_queue_size}")
+        if not vring.packed and num & (num - 1):
+            raise RemoteProtocolError(f"vring {index}: split ring size {num} is not a power of two")
+        with vring.lock:
+            vring.size = num
+
+    def set_vring_addr(self, addr: P.VringAddr) -> None:
+        vring = self._vring(addr.index)
+        with vring.lock:
+            vring.addresses = VringAddresses(addr.flags, addr.descriptor, addr.used, addr.available, addr.log)
+            if vring.queue is not None:  # logging switched on or off while running
+                vring.queue.set_used_log(addr.log if addr.flags & 1 else None)
+
+    def set_vring_base(self, index: int, num: int) -> None:
+        vring = self._vring(index)
+        with vring.lock:
+            vring.base = num
+
+    def get_vring_base(self, index: int) -> int:
+        vring = self._vring(index)
+        with vring.lock:
+            base = self._stop_ring(vring)
+            for name in ("kick", "call"):
+                owner = getattr(vring, name)
+                if owner is not None:
+                    owner.close()
+                    setattr(vring, name, None)
+        return base
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        vring = self._vring(index)
+        with vring.lock:
+            worker = self._worker_of(index)
+            worker.unwatch_kick(index)
+            if vring.kick is not None:
+                vring.kick.close()
+                vring.kick = None
+            if fd is None:
+                log.warning("vring %d: no kick fd (polling mode is not supported; use in-band VRING_KICK)", index)
+                return
+            vring.kick = EventConsumer.from_fd(fd)
+            worker.watch_kick(index)
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        vring = self._vring(index)
+        with vring.lock:
+            if vring.call is not None:
+                vring.call.close()
+            vring.call = EventNotifier.from_fd(fd) if fd is not None else None
+
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        vring = self._vring(index)
+        with vring.lock:
+            if vring.err is not None:
+                vring.err.close()
+            vring.err = EventNotifier.from_fd(fd) if fd is not None else None
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        vring = self._vring(index)
+        if not self.protocol_features_negotiated:
+            raise RemoteProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        with vring.lock:
+            was_running = vring.started and vring.enabled
+            vring.enabled = bool(enable)
+            if vring.started and vring.enabled and not was_running:
+                self.backend.vring_started(index, vring)
+                if vring.kick_pending:  # a kick that arrived while disabled is not lost
+                    self._worker_of(index).kick_now(index)
+            elif was_running and not vring.enabled:
+                self.backend.vring_stopped(index, vring)
+
+    def vring_kick(self, index: int) -> None:
+        """In-band kick (INBAND_NOTIFICATIONS)."""
+        self._vring(index)
+        self._worker_of(index).kick_now(index)
+
+    # ------------------------------------------------------------------ config
+    def get_config(self, offset: int, size: int, flags: int) -> bytes:
+        del flags
+        return self.backend.get_config(offset, size)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        del flags
+        self.backend.set_config(offset, data)
+
+    # ---------------------------------------------------- back-end channel
+    def set_backend_req_fd(self, channel: BackendChannel) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = channel
+        self.backend.set_backend_req_fd(channel)
+
+    def get_shared_object(self, uuid: bytes) -> int:
+        return self.backend.get_shared_object(uuid)
+
+    # ------------------------------------------------------------ status, reset
+    def set_status(self, status: int) -> None:
+        self.status = status
+        if status == 0:
+            self.reset_device()
+
+    def get_status(self) -> int:
+        return self.status
+
+    def reset_device(self) -> None:
+        """Stop every ring and reset the device (RESET_DEVICE, status 0)."""
+        with self._all_locks():
+            for vring in self.vrings:
+                if vring.started:
+                    self._stop_ring(vring)
+                self._worker_of(vring.index).unwatch_kick(vring.index)
+                vring.reset()
+            self.backend.reset_device()
+        self.acked_features = 0
+
+    def disconnected(self) -> None:
+        """The front-end went away: stop rings, unmap memory, close every fd we
+        received, reset the device and the negotiation state."""
+        self.reset_device()
+        with self._all_locks():
+            if self.memory is not None:
+                self.memory.close()
+                self.memory = None
+                for worker in self.workers:
+                    worker.memory = None
+        for attr in ("dirty_log", "log_notifier", "channel"):
+            obj = getattr(self, attr)
+            if obj is not None:
+                obj.close()
+                setattr(self, attr, None)
+        self.backend.backend_channel = None
+        self.backend.memory = None
+        self.status = 0
+        self._reset_negotiation()

@@ -1,0 +1,57 @@
+"""The ``vhostuser`` command: bundled device back-ends and tools.
+
+Each subcommand lives in its own module and registers itself in
+:data:`SUBCOMMANDS`: a name mapped to ``(module, help)``.  The module provides
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+#: subcommand -> (module implementing it, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("vhostuser.cli_info", "show the version and which implementations are live"),
+    "rng": ("vhostuser.devices.rng", "virtio-rng back-end (entropy for the guest)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vhostuser",
+        description="vhost-user device back-ends and tools written with the vhostuser library.",
+    )
+    parser.add_argument("--version", action="version", version=f"vhostuser {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (modname, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(modname)
+        p = sub.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
