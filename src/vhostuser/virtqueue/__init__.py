@@ -1,0 +1,41 @@
+"""Virtqueues (VIRTIO 1.3 §2.7 split, §2.8 packed), device side.
+
+* :class:`Queue` - configure, pop chains (one or a batch), add used entries,
+  decide on notifications; one API for both layouts.
+* :class:`DescriptorChain` - one request: its readable and writable buffers.
+* :class:`Reader` / :class:`Writer` - byte streams across descriptor boundaries,
+  with zero-copy memoryviews for ``os.preadv``/``os.pwritev``.
+* :mod:`vhostuser.virtqueue.driver` - the driver side, for tests and mock front-ends.
+
+The hot loop lives in a "ring core" (docs/ring-core.md): pure Python now, a C
+twin later, chosen in :mod:`vhostuser.virtqueue._core`.
+"""
+from __future__ import annotations
+
+from .chain import DescriptorChain, Reader, Writer
+from .defs import (
+    MAX_QUEUE_SIZE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    Layout,
+)
+from .errcodes import ErrorCode
+from .queue import Queue
+
+__all__ = [
+    "Queue",
+    "DescriptorChain",
+    "Reader",
+    "Writer",
+    "Layout",
+    "ErrorCode",
+    "MAX_QUEUE_SIZE",
+    "VIRTQ_DESC_F_NEXT",
+    "VIRTQ_DESC_F_WRITE",
+    "VIRTQ_DESC_F_INDIRECT",
+    "VIRTQ_USED_F_NO_NOTIFY",
+    "VIRTQ_AVAIL_F_NO_INTERRUPT",
+]
