@@ -174,6 +174,8 @@ class VhostUserHandler(BackendReqHandler):
     # ----------------------------------------------------------------- memory
     def _install_memory(self, memory: GuestMemory) -> None:
         old = self.memory
+        if self.dirty_log is not None:
+            memory.set_dirty_log(self.dirty_log)
         with self._all_locks():
             self.memory = memory
             for worker in self.workers:

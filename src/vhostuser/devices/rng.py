@@ -2,7 +2,9 @@
 
 The guest places writable buffers on its one queue; the device fills them from
 a source (``/dev/urandom`` by default, or any file or character device) and
-returns them.  Like rust-vmm's vhost-device-rng it can limit the rate: at most
+returns them.  A regular file that runs out leaves further requests waiting
+on the ring (the guest sees a source with no more entropy), so a guest reads
+exactly the file's bytes.  Like rust-vmm's vhost-device-rng it can limit the rate: at most
 ``max_bytes`` per ``period_ms``; when the quota is used up, requests wait (the
 chains stay with the device) until the next period starts.
 
@@ -53,6 +55,9 @@ class RngBackend(VhostUserBackend):
         self._timer_registered = False
         #: bytes handed to the guest so far
         self.bytes_served = 0
+        #: the source reached end-of-file (a regular file): requests then wait
+        #: on the ring, like a drained entropy source, instead of spinning
+        self.exhausted = False
 
     def close(self) -> None:
         if self._timer is not None:
@@ -96,7 +101,7 @@ class RngBackend(VhostUserBackend):
         if not vring.is_running:
             return
         used = []
-        while True:
+        while not self.exhausted:
             quota = self._available_quota()
             if quota == 0:  # requests wait, still on the ring, for the next period
                 self._arm_timer()
@@ -108,6 +113,9 @@ class RngBackend(VhostUserBackend):
             if quota is not None:
                 self._quota = quota - granted
             data = os.read(self._fd, granted) if granted else b""
+            if granted and not data:
+                self.exhausted = True
+                log.warning("rng source %s is exhausted; further requests wait", self.source)
             written = chain.writer().write(data)
             self.bytes_served += written
             used.append((chain, written))
