@@ -25,6 +25,8 @@ under its feet.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -62,6 +64,9 @@ class VhostUserBackend:
     device_features: ClassVar[int] = 0
     #: the device's config space (``None``: the device has none)
     config_space: bytes | None = None
+    #: the device can save and restore its state for migration (DEVICE_STATE):
+    #: set it and override :meth:`save_state` / :meth:`load_state`
+    supports_device_state: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._acked_features = 0
@@ -69,6 +74,8 @@ class VhostUserBackend:
         self.memory: GuestMemory | None = None
         self.backend_channel: BackendChannel | None = None
         self._workers: list[Worker] = []
+        self._state_transfer: threading.Thread | None = None
+        self._state_error: Exception | None = None
 
     # ------------------------------------------------------------ negotiation
     def features(self) -> int:
@@ -94,6 +101,8 @@ class VhostUserBackend:
         pf = PF(0)
         if self.config_space is not None:
             pf |= PF.CONFIG
+        if self.supports_device_state:
+            pf |= PF.DEVICE_STATE
         return pf
 
     def acked_features(self, features: int) -> None:
@@ -196,11 +205,66 @@ class VhostUserBackend:
         raise DeviceError("this device exports no shared objects")
 
     def reset_device(self) -> None:
-        """Reset device state (RESET_DEVICE, SET_STATUS 0, or front-end disconnect)."""
+        """Reset device state (RESET_DEVICE, RESET_OWNER, or front-end disconnect)."""
         self._acked_features = 0
         self._event_idx = False
 
     # ----------------------------------------------------- device state (migration)
+    def set_device_state_fd(self, direction: int, phase: int, fd: int) -> None:
+        """Start a state transfer over ``fd`` (SET_DEVICE_STATE_FD), which the
+        device now owns.  ``direction`` 0 saves (we write :meth:`save_state`'s
+        bytes, then close), 1 loads (we read to EOF, then :meth:`load_state`).
+
+        The transfer runs on its own thread, so the front-end can read or write
+        the other end meanwhile; :meth:`check_device_state` waits for it.
+        """
+        if direction not in (0, 1):
+            os.close(fd)
+            raise DeviceError(f"unknown device-state transfer direction {direction}")
+        if phase != 0:
+            os.close(fd)
+            raise DeviceError(f"unsupported device-state migration phase {phase} (only STOPPED)")
+        self._finish_state_transfer()
+        self._state_error = None
+        target = self._save_to if direction == 0 else self._load_from
+        self._state_transfer = threading.Thread(target=target, args=(fd,), name="vhostuser-device-state",
+                                                daemon=True)
+        self._state_transfer.start()
+
+    def check_device_state(self) -> None:
+        """Wait for the transfer started by :meth:`set_device_state_fd`; raise if it
+        failed (CHECK_DEVICE_STATE)."""
+        if self._state_transfer is None:
+            raise DeviceError("no device-state transfer was started")
+        self._state_transfer.join()
+        self._state_transfer = None
+        if self._state_error is not None:
+            err, self._state_error = self._state_error, None
+            raise DeviceError(f"device-state transfer failed: {err}") from err
+
+    def _finish_state_transfer(self) -> None:
+        """Finish (and forget) an earlier transfer nobody checked."""
+        if self._state_transfer is not None:
+            self._state_transfer.join()
+            self._state_transfer = None
+
+    def _save_to(self, fd: int) -> None:
+        try:
+            with os.fdopen(fd, "wb", closefd=True) as out:
+                os.set_blocking(fd, True)
+                out.write(self.save_state())
+        except Exception as exc:  # noqa: BLE001 - reported by check_device_state
+            self._state_error = exc
+
+    def _load_from(self, fd: int) -> None:
+        try:
+            with os.fdopen(fd, "rb", closefd=True) as src:
+                os.set_blocking(fd, True)
+                data = src.read()
+            self.load_state(data)
+        except Exception as exc:  # noqa: BLE001
+            self._state_error = exc
+
     def save_state(self) -> bytes:
         """Serialise the device's internal state for migration (DEVICE_STATE)."""
         return b""

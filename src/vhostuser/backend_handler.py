@@ -315,17 +315,30 @@ class VhostUserHandler(BackendReqHandler):
     def get_shared_object(self, uuid: bytes) -> int:
         return self.backend.get_shared_object(uuid)
 
+    # ------------------------------------------------------------ device state
+    def set_device_state_fd(self, direction: int, phase: int, fd: int) -> int | None:
+        self.backend.set_device_state_fd(direction, phase, fd)
+        return None  # the front-end's fd carries the state
+
+    def check_device_state(self) -> None:
+        self.backend.check_device_state()
+
     # ------------------------------------------------------------ status, reset
     def set_status(self, status: int) -> None:
+        # Only recorded.  QEMU (7.2 and later) sends SET_STATUS 0 from
+        # vhost_dev_stop *before* SET_VRING_ENABLE 0 / GET_VRING_BASE, also when
+        # the VM is merely stopped (migration, `stop`): resetting here would make
+        # GET_VRING_BASE report 0 instead of the ring position (the rings would
+        # replay old requests after `cont`) and would refuse the SET_VRING_ENABLE
+        # that follows.  Rings stop at GET_VRING_BASE; RESET_DEVICE, RESET_OWNER
+        # and a disconnect reset the device.
         self.status = status
-        if status == 0:
-            self.reset_device()
 
     def get_status(self) -> int:
         return self.status
 
     def reset_device(self) -> None:
-        """Stop every ring and reset the device (RESET_DEVICE, status 0)."""
+        """Stop every ring and reset the device (RESET_DEVICE, RESET_OWNER, disconnect)."""
         with self._all_locks():
             for vring in self.vrings:
                 if vring.started:

@@ -109,7 +109,6 @@ class VhostUserDaemon:
                  tb: TracebackType | None) -> None:
         self.request_shutdown()
         self.wait()
-        self._poller.close()
 
     # ------------------------------------------------------------ internals
     def _start(self, target, *args) -> None:  # noqa: ANN001
@@ -130,6 +129,7 @@ class VhostUserDaemon:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            self._poller.close()
             log.info("%s: stopped", self.name)
 
     def _serve_listener(self, listener: Listener) -> None:
