@@ -9,11 +9,22 @@ from __future__ import annotations
 import logging
 
 from ._impl import IMPL
+from .backend import FIRST_DEVICE_TOKEN, VhostUserBackend
+from .daemon import VhostUserDaemon
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
+from .vring import VringState
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["IMPL", "__version__", *_errors_all]
+__all__ = [
+    "IMPL",
+    "__version__",
+    "FIRST_DEVICE_TOKEN",
+    "VhostUserBackend",
+    "VhostUserDaemon",
+    "VringState",
+    *_errors_all,
+]
