@@ -18,6 +18,7 @@ from . import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vhostuser.cli_info", "show the version and which implementations are live"),
     "rng": ("vhostuser.devices.rng", "virtio-rng back-end (entropy for the guest)"),
+    "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
 }
 
 
@@ -51,6 +52,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+
+
+def _device_command(name: str) -> int:
+    """``vhost-user-NAME ...`` is ``vhostuser NAME ...`` (the binary named in the
+    device's vhost-user discovery JSON)."""
+    return main([name, *sys.argv[1:]])
+
+
+def rng_main() -> int:
+    return _device_command("rng")
+
+
+def blk_main() -> int:
+    return _device_command("blk")
+
+
+def vsock_main() -> int:
+    return _device_command("vsock")
+
+
+def console_main() -> int:
+    return _device_command("console")
 
 
 if __name__ == "__main__":

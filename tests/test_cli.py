@@ -1,0 +1,111 @@
+"""The commands: ``vhostuser``'s subcommands and the device programs' conventions
+(vhost-user spec, "Backend program conventions")."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from vhostuser.cli import SUBCOMMANDS
+from vhostuser.frontend import Frontend
+
+DEVICES = [name for name, (module, _) in SUBCOMMANDS.items() if module.startswith("vhostuser.devices.")]
+#: QEMU's VHostUserBackendType names
+SCHEMA_TYPES = {"9p", "balloon", "block", "caif", "console", "crypto", "gpu", "input", "net", "rng",
+                "rpmsg", "rproc-serial", "scsi", "vsock", "fs"}
+
+
+def vhostuser(*args: str, **kw) -> subprocess.CompletedProcess[str]:  # noqa: ANN003
+    return subprocess.run([sys.executable, "-m", "vhostuser", *args], capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+def test_info_names_the_live_implementation() -> None:
+    out = vhostuser("info")
+    assert out.returncode == 0, out.stderr
+    impl = os.environ.get("VHOSTUSER_IMPL")
+    assert f"implementation: {impl}" in out.stdout if impl else "implementation:" in out.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_help_explains_the_options(device: str) -> None:
+    out = vhostuser(device, "--help")
+    assert out.returncode == 0, out.stderr
+    for flag in ("--socket-path", "--fd", "--print-capabilities"):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_print_capabilities_matches_the_discovery_json(device: str) -> None:
+    out = vhostuser(device, "--print-capabilities")
+    assert out.returncode == 0, out.stderr
+    caps = json.loads(out.stdout)
+    descriptor = json.loads(resources.files("vhostuser.devices").joinpath(f"{device}.json").read_text())
+    assert caps["type"] == descriptor["type"]
+    assert descriptor["type"] in SCHEMA_TYPES
+    assert os.path.isabs(descriptor["binary"]) and descriptor["binary"].endswith(f"vhost-user-{device}")
+    assert isinstance(caps.get("features", []), list)
+
+
+def test_device_needs_a_socket() -> None:
+    out = vhostuser("rng")
+    assert out.returncode == 2
+    assert "--socket-path" in out.stderr
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_rng_command_serves_again_after_disconnect_and_stops_on_sigterm(tmp_path: Path) -> None:
+    sock = tmp_path / "rng.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vhostuser", "rng", "--socket-path", str(sock), "-v"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(sock, proc)
+        assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
+        for _ in range(3):  # serves again after every disconnect
+            fe = Frontend.connect(str(sock))
+            assert fe.get_features() & (1 << 32)  # VERSION_1
+            fe.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_rng_socket_count_serves_numbered_sockets(tmp_path: Path) -> None:
+    base = tmp_path / "rng.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vhostuser", "rng", "--socket-path", str(base),
+                             "--socket-count", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(2):
+            path = Path(f"{base}{i}")
+            _wait_for(path, proc)
+            fe = Frontend.connect(str(path))
+            assert fe.get_features()
+            fe.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
