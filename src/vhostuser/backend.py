@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 from .errors import DeviceError
 from .protocol.message import VhostUserProtocolFeatures as PF
 from .protocol.message import VirtioFeatures
+from .sys_util.poll import EVENT_READ
 
 if TYPE_CHECKING:
     from .backend_channel import BackendChannel
@@ -174,15 +175,21 @@ class VhostUserBackend:
         SET_VRING_ENABLE 0, reset, disconnect)."""
 
     # ------------------------------------------------------ device-owned fds
-    def register_fd(self, fd: int, token: int, thread_id: int = 0) -> None:
-        """Watch ``fd`` for readability in worker ``thread_id``; when it is
-        readable, :meth:`handle_event` is called with ``device_event=token``.
+    def register_fd(self, fd: int, token: int, thread_id: int = 0, events: int = EVENT_READ) -> None:
+        """Watch ``fd`` in worker ``thread_id``; when it is ready (readable by
+        default; ``events`` may also include ``EVENT_WRITE``), :meth:`handle_event`
+        is called with ``device_event=token``.
 
         ``token`` must be at least :data:`FIRST_DEVICE_TOKEN`.
         """
         if token < FIRST_DEVICE_TOKEN:
             raise ValueError(f"device tokens must be >= FIRST_DEVICE_TOKEN ({FIRST_DEVICE_TOKEN})")
-        self._worker(thread_id).register_fd(fd, token)
+        self._worker(thread_id).register_fd(fd, token, events)
+
+    def modify_fd(self, fd: int, token: int, events: int, thread_id: int = 0) -> None:
+        """Change what a registered ``fd`` is watched for (e.g. add ``EVENT_WRITE``
+        while output is pending)."""
+        self._worker(thread_id).modify_fd(fd, token, events)
 
     def unregister_fd(self, fd: int, thread_id: int = 0) -> None:
         """Stop watching ``fd`` (registered with :meth:`register_fd`)."""

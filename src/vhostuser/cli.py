@@ -18,6 +18,7 @@ from . import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vhostuser.cli_info", "show the version and which implementations are live"),
     "rng": ("vhostuser.devices.rng", "virtio-rng back-end (entropy for the guest)"),
+    "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
 }
 

@@ -249,3 +249,52 @@ class VsockConfigError(VsockError, ValueError):
 
 
 __all__ += ["VsockError", "VsockPacketError", "VsockConfigError"]
+
+
+# ------------------------------------------------------------ mock front-end
+class MockFrontendError(VhostUserError):
+    """The mock front-end (:mod:`vhostuser.testing.frontend`) cannot do what it was
+    asked: a required feature is not offered, the guest RAM is too small, the
+    rings were not started..."""
+
+
+class VringFailed(MockFrontendError):
+    """The back-end signalled a vring's error fd (SET_VRING_ERR) while the mock
+    front-end was waiting for used buffers on it."""
+
+    def __init__(self, message: str, *, index: int) -> None:
+        super().__init__(message)
+        #: the vring whose error fd fired
+        self.index = index
+
+
+__all__ += ["MockFrontendError", "VringFailed"]
+
+
+# -------------------------------------------------------------------- blk device
+class BlkError(DeviceError):
+    """An error of the bundled virtio-blk device (:mod:`vhostuser.devices.blk`)."""
+
+
+class BlkImageError(BlkError):
+    """The disk image cannot be used: it cannot be opened, is locked by another
+    process, is not a file or block device, or an access fell outside it."""
+
+
+__all__ += ["BlkError", "BlkImageError"]
+
+
+# ------------------------------------------------------------------ console device
+class ConsoleError(DeviceError):
+    """An error of the bundled virtio-console device (:mod:`vhostuser.devices.console`)."""
+
+
+class ConsoleControlError(ConsoleError, ValueError):
+    """A malformed MULTIPORT control message (too short, field out of range)."""
+
+
+class ConsoleConfigError(ConsoleError, ValueError):
+    """Invalid console options (backend/port combination, socket count, size)."""
+
+
+__all__ += ["ConsoleError", "ConsoleControlError", "ConsoleConfigError"]

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .sys_util.poll import Poller
+from .sys_util.poll import EVENT_READ, Poller
 
 if TYPE_CHECKING:
     from .backend import VhostUserBackend
@@ -78,9 +78,14 @@ class Worker:
         if fd is not None:
             self.poller.unregister(fd)
 
-    def register_fd(self, fd: int, token: int) -> None:
+    def register_fd(self, fd: int, token: int, events: int = EVENT_READ) -> None:
         with self.lock:
-            self.poller.register(fd, token)
+            self.poller.register(fd, token, events)
+        self.poller.wake()
+
+    def modify_fd(self, fd: int, token: int, events: int) -> None:
+        with self.lock:
+            self.poller.modify(fd, token, events)
         self.poller.wake()
 
     def unregister_fd(self, fd: int) -> None:
