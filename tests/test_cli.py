@@ -109,3 +109,16 @@ def test_rng_socket_count_serves_numbered_sockets(tmp_path: Path) -> None:
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_demo_drives_the_rng_backend_end_to_end(ring: str) -> None:
+    args = ["demo", "--requests", "3", "--bytes", "8"] + (["--packed"] if ring == "packed" else [])
+    out = vhostuser(*args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    requests = [line for line in out.stdout.splitlines() if "] #" in line]
+    assert len(requests) == 3
+    blobs = {line.rsplit(" ", 1)[1] for line in requests}
+    assert all(len(b) == 16 for b in blobs) and len(blobs) == 3  # 8 random bytes each, all different
+    assert f"{ring} ring" in out.stdout
+    assert "exited with status 0; socket removed: True" in out.stdout

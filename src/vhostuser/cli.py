@@ -17,9 +17,12 @@ from . import __version__
 #: subcommand -> (module implementing it, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vhostuser.cli_info", "show the version and which implementations are live"),
+    "demo": ("vhostuser.cli_demo", "run the rng back-end and drive it end to end, narrated"),
     "rng": ("vhostuser.devices.rng", "virtio-rng back-end (entropy for the guest)"),
+    "check": ("vhostuser.cli_check", "run vhost-user conformance checks against any back-end"),
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
+    "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
 }
 
 
