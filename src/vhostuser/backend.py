@@ -68,6 +68,9 @@ class VhostUserBackend:
     #: the device can save and restore its state for migration (DEVICE_STATE):
     #: set it and override :meth:`save_state` / :meth:`load_state`
     supports_device_state: ClassVar[bool] = False
+    #: requests are idempotent, so after a back-end crash the requests that were
+    #: in flight can be resubmitted (INFLIGHT_SHMFD): set it for e.g. block devices
+    supports_inflight: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._acked_features = 0
@@ -95,15 +98,18 @@ class VhostUserBackend:
 
         The daemon adds the ones it implements itself for every device (MQ,
         REPLY_ACK, CONFIGURE_MEM_SLOTS, BACKEND_REQ, BACKEND_SEND_FD, LOG_SHMFD,
-        RESET_DEVICE, STATUS, INFLIGHT_SHMFD); return here the ones that need
-        device work, e.g. ``CONFIG`` (added automatically when
-        :attr:`config_space` is set), ``SHARED_OBJECT`` or ``DEVICE_STATE``.
+        RESET_DEVICE, STATUS, INBAND_NOTIFICATIONS); return here the ones that
+        need device work.  ``CONFIG`` is added when :attr:`config_space` is set,
+        ``DEVICE_STATE`` with :attr:`supports_device_state`, ``INFLIGHT_SHMFD``
+        with :attr:`supports_inflight`; override to add e.g. ``SHARED_OBJECT``.
         """
         pf = PF(0)
         if self.config_space is not None:
             pf |= PF.CONFIG
         if self.supports_device_state:
             pf |= PF.DEVICE_STATE
+        if self.supports_inflight:
+            pf |= PF.INFLIGHT_SHMFD
         return pf
 
     def acked_features(self, features: int) -> None:

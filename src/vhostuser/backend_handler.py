@@ -13,6 +13,7 @@ while its ring changes, and GET_VRING_BASE waits for the worker to leave.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -25,7 +26,10 @@ from .memory import MAX_MEM_SLOTS, DirtyLog, GuestMemory, MemoryRegion
 from .protocol.message import VhostUserProtocolFeatures as PF
 from .protocol.message import VirtioFeatures as VF
 from .protocol import payloads as P
+from .protocol.payloads import Inflight
 from .sys_util.event import EventConsumer, EventNotifier
+from .sys_util.shm import MappedRegion, create_shm_fd, map_fd
+from .virtqueue.inflight import queue_region_size
 from .vring import VringAddresses, VringState
 from .worker import Worker
 
@@ -80,6 +84,7 @@ class VhostUserHandler(BackendReqHandler):
         self.dirty_log: DirtyLog | None = None
         self.log_notifier: EventNotifier | None = None
         self.channel: BackendChannel | None = None
+        self.inflight_area: MappedRegion | None = None
         self.status = 0
         self._reset_negotiation()
 
@@ -315,6 +320,41 @@ class VhostUserHandler(BackendReqHandler):
     def get_shared_object(self, uuid: bytes) -> int:
         return self.backend.get_shared_object(uuid)
 
+    # ------------------------------------------------------------ inflight I/O
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[Inflight, int]:
+        """Allocate a zeroed inflight area (one region per queue, in the layout of
+        the negotiated ring type); the front-end keeps it across back-end restarts."""
+        packed = bool(self.acked_features & VF.RING_PACKED)
+        size = num_queues * queue_region_size(queue_size, packed)
+        fd = create_shm_fd(size, "vhostuser-inflight")
+        try:
+            self._attach_inflight(map_fd(fd, size), queue_size, packed)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Inflight(size, 0, num_queues, queue_size), fd  # the dispatcher sends, then closes, the fd
+
+    def set_inflight_fd(self, inflight: Inflight, fd: int) -> None:
+        """The inflight area (maybe of a back-end that crashed): used when rings start."""
+        try:
+            region = map_fd(fd, inflight.mmap_size, inflight.mmap_offset)
+        finally:
+            os.close(fd)
+        self._attach_inflight(region, inflight.queue_size, bool(self.acked_features & VF.RING_PACKED))
+
+    def _attach_inflight(self, region: MappedRegion, queue_size: int, packed: bool) -> None:
+        per_queue = queue_region_size(queue_size, packed)
+        old = self.inflight_area
+        with self._all_locks():
+            self.inflight_area = region
+            for vring in self.vrings:
+                start = vring.index * per_queue
+                vring.inflight_region = (region.buf[start:start + per_queue]
+                                         if start + per_queue <= len(region.buf) else None)
+                vring.inflight_queue_size = queue_size
+        if old is not None:
+            _close_quietly(old)
+
     # ------------------------------------------------------------ device state
     def set_device_state_fd(self, direction: int, phase: int, fd: int) -> int | None:
         self.backend.set_device_state_fd(direction, phase, fd)
@@ -358,12 +398,22 @@ class VhostUserHandler(BackendReqHandler):
                 self.memory = None
                 for worker in self.workers:
                     worker.memory = None
-        for attr in ("dirty_log", "log_notifier", "channel"):
+        for vring in self.vrings:
+            vring.inflight_region = None
+        for attr in ("dirty_log", "log_notifier", "channel", "inflight_area"):
             obj = getattr(self, attr)
             if obj is not None:
-                obj.close()
+                _close_quietly(obj)
                 setattr(self, attr, None)
         self.backend.backend_channel = None
         self.backend.memory = None
         self.status = 0
         self._reset_negotiation()
+
+
+def _close_quietly(obj: object) -> None:
+    """Close something we own on cleanup; a failure is logged, never raised."""
+    try:
+        obj.close()  # type: ignore[attr-defined]
+    except (OSError, BufferError) as exc:
+        log.warning("closing %r: %s", obj, exc)

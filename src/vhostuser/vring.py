@@ -74,6 +74,9 @@ class VringState:
         self.queue: Queue | None = None
         self.event_idx = False
         self.packed = False
+        #: this queue's part of the inflight area (INFLIGHT_SHMFD), if any
+        self.inflight_region: memoryview | None = None
+        self.inflight_queue_size = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -106,13 +109,37 @@ class VringState:
         self.queue.set_vring_base(self.base)
         if addr.flags & VHOST_VRING_F_LOG:
             self.queue.set_used_log(addr.log_guest_addr)
+        self._track_inflight()
         self.started = True
         self.failed = None
+
+    def _track_inflight(self) -> None:
+        """Record requests in the inflight area and queue the ones a crashed
+        back-end left in flight for resubmission."""
+        from .virtqueue.inflight import PackedInflight, SplitInflight  # noqa: PLC0415
+
+        assert self.queue is not None
+        if self.inflight_region is None:
+            return
+        if self.inflight_queue_size != self.size:
+            log.warning("vring %d: inflight area is for %d entries, the ring has %d; not tracking",
+                        self.index, self.inflight_queue_size, self.size)
+            return
+        cls = PackedInflight if self.packed else SplitInflight
+        self.queue.set_inflight(cls(self.inflight_region, self.size))
+        resubmitted = self.queue.resubmit_inflight()
+        if resubmitted:
+            log.info("vring %d: resubmitting %d requests left in flight by the previous back-end",
+                     self.index, resubmitted)
 
     def stop(self) -> int:
         """Stop the ring; return the base to report in GET_VRING_BASE."""
         if self.queue is not None:
             self.base = self.queue.vring_base()
+            # Drop the queue's views of guest RAM now: a broken queue keeps its
+            # exception, whose traceback holds the queue (a cycle that kept the
+            # guest RAM mapped, and its fd open, until the garbage collector ran).
+            self.queue.reset()
         self.started = False
         self.kick_pending = False
         self.queue = None

@@ -8,6 +8,7 @@ from typing import Any, Union
 from ..errors import QueueBroken, QueueError, QueueUsageError
 from ..memory import DirtyLog, GuestMemory
 from ._core import get_core
+from .inflight import _RING_DESC, PackedInflight, RingDescriptor, SplitInflight, rebuild_chain
 from .chain import DescriptorChain
 from .defs import MAX_QUEUE_SIZE, Layout
 from .errcodes import BREAKS_QUEUE, ErrorCode, make_error
@@ -67,6 +68,9 @@ class Queue:
         self._log: DirtyLog | None = None
         self._broken_exc: QueueError | None = None
         self._warned_head_log = False
+        self._inflight: SplitInflight | PackedInflight | None = None
+        self._inflight_entries: dict[int, int] = {}  # packed: buffer id -> inflight entry
+        self._resubmit: list[DescriptorChain] = []
         self.reset()
         if size is not None:
             self.set_size(size)
@@ -322,13 +326,20 @@ class Queue:
         """
         if max_chains <= 0:
             return []
+        if self._resubmit:  # requests in flight before a back-end restart go first
+            chains, self._resubmit = self._resubmit[:max_chains], self._resubmit[max_chains:]
+            return chains
         mem = self._memory()
         size = int(self._st.size)
+        start = (int(self._st.next_avail), int(self._st.avail_wrap))
         batch = self._core.ChainBatch(max(size, 4 * max_chains) if max_chains > 1 else size)
         rc = self._core.pop_batch(self._st, mem, max_chains, batch)
         if rc < 0:
             self._raise(rc)
-        return [DescriptorChain(mem, batch, i) for i in range(rc)]
+        chains = [DescriptorChain(mem, batch, i) for i in range(rc)]
+        if self._inflight is not None and chains:
+            self._record_popped(mem, chains, start)
+        return chains
 
     def pop_descriptor_chain(self) -> DescriptorChain | None:
         """Pop one chain, or None if none is available (errors as :meth:`pop_batch`)."""
@@ -397,9 +408,100 @@ class Queue:
         if dlog is not None:
             for c, ln in chains:
                 c._mark_written(dlog, ln)
+        tracker = self._inflight
+        if tracker is None:
+            rc = self._core.add_used_batch(self._st, self._memory(), ids, lens, slots, len(ids))
+            if rc < 0:
+                self._raise(rc)
+            return
+        if isinstance(tracker, SplitInflight):
+            tracker.before_used(ids)
+            rc = self._core.add_used_batch(self._st, self._memory(), ids, lens, slots, len(ids))
+            if rc < 0:
+                self._raise(rc)
+            tracker.after_used(ids, int(self._st.next_used))
+            return
+        entries = [self._inflight_entries.pop(i, -1) for i in ids]
+        pos, wrap = int(self._st.next_used), int(self._st.used_wrap)
+        for s_ in slots:
+            pos += s_
+            if pos >= self.size:
+                pos, wrap = pos - self.size, wrap ^ 1
+        known = [e for e in entries if e >= 0]
+        tracker.before_used(known, slots, pos, wrap)
         rc = self._core.add_used_batch(self._st, self._memory(), ids, lens, slots, len(ids))
         if rc < 0:
             self._raise(rc)
+        tracker.after_used(known)
+
+    # ------------------------------------------------------- inflight I/O
+    def set_inflight(self, tracker: SplitInflight | PackedInflight | None) -> None:
+        """Record every popped / used chain in an inflight region (INFLIGHT_SHMFD),
+        so a restarted back-end can resubmit what was in flight."""
+        self._inflight = tracker
+        self._inflight_entries.clear()
+
+    def resubmit_inflight(self) -> int:
+        """After a back-end restart (the ring configured from SET_VRING_BASE and the
+        inflight region of the old back-end): recover the region and queue its
+        in-flight requests, oldest first, ahead of new ones.  The ring position
+        becomes used index + requests in flight, as libvhost-user does.
+        Returns how many requests will be resubmitted."""
+        tracker = self._inflight
+        if tracker is None:
+            return 0
+        mem = self._memory()
+        st = self._st
+        size = self.size
+        if isinstance(tracker, SplitInflight):
+            used_idx = mem.read_u16(int(self.used_ring) + 2)
+            pending = tracker.recover(used_idx)
+            slots = len(pending)
+            self.set_next_avail((used_idx + slots) & 0xFFFF)
+            st.next_used = used_idx
+        else:
+            desc = int(self.desc_table)
+            pending = tracker.recover(lambda i: mem.read_u16(desc + 16 * i + 14))
+            used, uwrap = tracker.used_position
+            slots = sum(len(p.descriptors) for p in pending)
+            avail, awrap = used + slots, uwrap
+            if avail >= size:
+                avail, awrap = avail - size, awrap ^ 1
+            st.next_used, st.used_wrap = used, uwrap
+            self.set_next_avail(avail, awrap)
+        self._resubmit = []
+        self._inflight_entries.clear()
+        for item in pending:
+            try:
+                batch = rebuild_chain(mem, packed=self.packed, size=size, desc_gpa=int(self.desc_table), item=item)
+            except QueueError as exc:
+                log.error("queue: in-flight request %d cannot be resubmitted (%s); dropping it", item.head, exc)
+                continue
+            self._resubmit.append(DescriptorChain(mem, batch, 0))
+            if item.entry >= 0:  # packed: the entry stays in flight until the chain is used
+                self._inflight_entries[item.head] = item.entry
+        st.inflight = slots
+        return len(self._resubmit)
+
+    def _record_popped(self, mem: GuestMemory, chains: list[DescriptorChain], start: tuple[int, int]) -> None:
+        tracker = self._inflight
+        if isinstance(tracker, SplitInflight):
+            tracker.popped([c.head_index for c in chains])
+            return
+        assert isinstance(tracker, PackedInflight)
+        pos, _ = start
+        desc = int(self.desc_table)
+        size = self.size
+        per_chain = []
+        for c in chains:
+            descs = []
+            for _ in range(c.desc_count):
+                addr, ln, bid, flags = _RING_DESC.unpack(mem.read(desc + 16 * pos, 16))
+                descs.append(RingDescriptor(addr, ln, bid, flags))
+                pos = pos + 1 if pos + 1 < size else 0
+            per_chain.append(descs)
+        for c, entry in zip(chains, tracker.popped(per_chain)):
+            self._inflight_entries[c.head_index] = entry
 
     # --------------------------------------------------------- notifications
     def needs_notification(self) -> bool:

@@ -49,6 +49,10 @@ class BlkBackend(VhostUserBackend):
     :class:`BlkRequestEngine`.
     """
 
+    #: block requests are idempotent: after a back-end crash the front-end's
+    #: inflight area lets a restarted back-end redo what was in flight
+    supports_inflight = True
+
     def __init__(
         self,
         image: BlockImage | str | os.PathLike[str],

@@ -1,0 +1,71 @@
+"""Crash recovery end to end: a back-end process is killed (SIGKILL) with
+requests in flight; a new back-end process on the same socket gets the inflight
+area from the front-end and completes exactly those requests."""
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vhostuser.protocol.message import VhostUserProtocolFeatures as PF
+from vhostuser.testing.frontend import FrontendOptions, MockFrontend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_backend(sock: Path, mode: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.inflight_backend", str(sock), mode],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    expect_line(proc, "listening")
+    return proc
+
+
+def expect_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 20.0) -> None:
+    assert proc.stdout is not None
+    while True:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready, f"back-end said nothing for {timeout}s (waiting for {wanted!r})"
+        line = proc.stdout.readline()
+        assert line, f"back-end exited (status {proc.poll()}) before saying {wanted!r}"
+        if line.strip() == wanted:
+            return
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_requests_in_flight_when_the_backend_dies_complete_after_restart(tmp_path: Path, packed: bool) -> None:
+    sock = tmp_path / "inflight.sock"
+    first = start_backend(sock, "hold")
+    second = None
+    try:
+        opts = FrontendOptions(inflight=True, packed=packed, queue_size=8)
+        with MockFrontend.connect(str(sock), opts) as fe:
+            assert fe.protocol_features & PF.INFLIGHT_SHMFD
+            sent = {fe.add(0, [f"request {i}".encode()], [16]): f"REQUEST {i}".encode() for i in range(3)}
+            fe.publish(0)
+            expect_line(first, "holding 3")
+            first.kill()  # the back-end dies with three requests in flight
+            first.wait()
+            second = start_backend(sock, "echo")
+            fe.reconnect()  # QEMU's reconnect: same handshake, SET_INFLIGHT_FD, rings from the used index
+            fe.kick(0)
+            used = fe.wait_used(0, 3, timeout=20)
+            assert {u.token: u.data[: u.length] for u in used} == sent
+            # nothing is completed twice, and new requests still work
+            assert fe.request(0, [b"after"], [8]).data[:5] == b"AFTER"
+            assert fe.reap(0) == []
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
