@@ -96,7 +96,12 @@ class VhostUserDaemon:
     def request_shutdown(self) -> None:
         """Ask the daemon to stop (from any thread, or a signal handler)."""
         self._shutdown.set()
-        self._poller.wake()
+        try:
+            self._poller.wake()
+        except BrokenPipeError:
+            # the daemon thread is closing its poller right now (pipe notifier:
+            # Poller.close closes the read end before the write end): it stops anyway
+            pass
 
     @property
     def running(self) -> bool:
@@ -172,7 +177,8 @@ class VhostUserDaemon:
         self.connected.set()
         conn = BackendConnection(endpoint, self.handler)
         log.info("%s: front-end connected", self.name)
-        self._poller.register(endpoint.fileno(), _CONNECTION)
+        fd = endpoint.fileno()  # kept: a fatal protocol error closes the endpoint before we unregister
+        self._poller.register(fd, _CONNECTION)
         try:
             while not self._shutdown.is_set():
                 events = self._poller.wait(None)
@@ -186,7 +192,7 @@ class VhostUserDaemon:
         except ProtocolError as exc:
             log.error("%s: dropping the connection: %s", self.name, exc)
         finally:
-            self._poller.unregister(endpoint.fileno())
+            self._poller.unregister(fd)
             endpoint.close()
             self._endpoint = None
             self.connected.clear()

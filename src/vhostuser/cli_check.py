@@ -1,0 +1,115 @@
+"""``vhostuser check``: run the conformance checker against a vhost-user back-end."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Run vhost-user protocol conformance checks against any back-end.
+
+Connect to a back-end already listening at --socket-path, or start one with
+--exec (its command line, with {socket} replaced by a fresh socket path; the
+process is killed at the end).  Prints one line per check and a summary; the
+exit status is 0 if and only if every required check passed.
+
+  vhostuser check --socket-path /tmp/vhost.sock
+  vhostuser check --device rng --exec "vhostuser rng --socket-path {socket}"
+  vhostuser check --device blk --exec "qemu-storage-daemon --blockdev driver=file,node-name=f,filename=disk.img \\
+      --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={socket},writable=on"
+
+Checks: handshake, features, reply-ack, rings, vring-base, reconnect, memory-table,
+malformed-* (bad requests must be nacked or the connection dropped, and the
+back-end must accept a new connection afterwards), device-<class> (--device)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("-s", "--socket-path", metavar="PATH", help="the back-end's listening socket")
+    where.add_argument("--exec", dest="exec_cmd", metavar="CMD",
+                       help="start this back-end command ({socket} is replaced by the socket path)")
+    parser.add_argument("--device", choices=["rng", "blk", "echo"],
+                        help="also check device-class behaviour (requests are answered correctly)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                        help="seconds to wait for any reply or used buffer (default 5)")
+    parser.add_argument("--only", metavar="NAMES", help="comma-separated check names to run")
+    parser.add_argument("--packed", action="store_true", help="use packed rings (the back-end must offer them)")
+
+
+def _start(cmd: str, socket_path: str, timeout: float) -> subprocess.Popen[bytes]:
+    argv = [a.replace("{socket}", socket_path) for a in shlex.split(cmd)]
+    log.info("starting %s", argv)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(socket_path):
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"the back-end exited with status {proc.returncode}: {err.strip()}")
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"the back-end did not create {socket_path} within {timeout}s")
+        time.sleep(0.02)  # another process creating its socket: nothing to poll on
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from .testing.checker import format_report, format_result, results_json, run_checks
+    from .testing.frontend import FrontendOptions
+
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    options = FrontendOptions(queue_size=64, memory=((0, 2 << 20), (4 << 20, 2 << 20)), data_size=128 << 10,
+                              timeout=args.timeout, reply_timeout=args.timeout, packed=True if args.packed else False)
+    proc = None
+    tmpdir = None
+    try:
+        if args.exec_cmd:
+            tmpdir = tempfile.mkdtemp(prefix="vhu-check-")
+            socket_path = os.path.join(tmpdir, "backend.sock")
+            try:
+                proc = _start(args.exec_cmd, socket_path, max(args.timeout, 10.0))
+            except (OSError, RuntimeError) as exc:
+                print(f"vhostuser check: {exc}", file=sys.stderr)
+                return 2
+        else:
+            socket_path = args.socket_path
+        progress = None if args.json else (lambda r: print(format_result(r), flush=True))
+        results = run_checks(socket_path, device=args.device, options=options, timeout=args.timeout,
+                             only=only, progress=progress)
+    finally:
+        if proc is not None:
+            _stop(proc)
+        if tmpdir is not None:
+            for name in os.listdir(tmpdir):
+                os.unlink(os.path.join(tmpdir, name))
+            os.rmdir(tmpdir)
+    if args.json:
+        json.dump(results_json(results), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(results).splitlines()[-1])
+    return 0 if all(r.ok for r in results) else 1
