@@ -38,9 +38,6 @@ def test_rng_file_source_bytes_equal_the_file(serve_backend, tmp_path) -> None:
     assert got == data
 
 
-@pytest.mark.xfail(strict=False, reason="race in RngBackend._arm_timer (devices/rng.py): the timer thread is "
-                   "still alive when the worker handles its event, so a re-arm is skipped and requests wait forever "
-                   "(fails about 1 run in 7; see the mock front-end report)")
 def test_rng_rate_limit_delays_but_delivers(serve_backend) -> None:
     period_ms, max_bytes = 150, 100
     backend = RngBackend(period_ms=period_ms, max_bytes=max_bytes)

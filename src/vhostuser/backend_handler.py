@@ -315,6 +315,10 @@ class VhostUserHandler(BackendReqHandler):
         if self.channel is not None:
             self.channel.close()
         self.channel = channel
+        inband = channel if self.acked_protocol_features & PF.INBAND_NOTIFICATIONS else None
+        for vring in self.vrings:
+            with vring.lock:
+                vring.inband = inband
         self.backend.set_backend_req_fd(channel)
 
     def get_shared_object(self, uuid: bytes) -> int:
@@ -400,6 +404,7 @@ class VhostUserHandler(BackendReqHandler):
                     worker.memory = None
         for vring in self.vrings:
             vring.inflight_region = None
+            vring.inband = None
         for attr in ("dirty_log", "log_notifier", "channel", "inflight_area"):
             obj = getattr(self, attr)
             if obj is not None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from .errors import QueueError
 
 if TYPE_CHECKING:
+    from .backend_channel import BackendChannel
     from .memory import GuestMemory
     from .virtqueue import DescriptorChain, Queue
     from .sys_util.event import EventConsumer, EventNotifier
@@ -74,6 +75,9 @@ class VringState:
         self.queue: Queue | None = None
         self.event_idx = False
         self.packed = False
+        #: with INBAND_NOTIFICATIONS: the back-end channel that carries VRING_CALL /
+        #: VRING_ERR instead of the call and err fds
+        self.inband: BackendChannel | None = None
         #: this queue's part of the inflight area (INFLIGHT_SHMFD), if any
         self.inflight_region: memoryview | None = None
         self.inflight_queue_size = 0
@@ -205,9 +209,12 @@ class VringState:
         Returns whether a notification was sent.
         """
         queue = self._running_queue()
-        if self.call is None or not queue.needs_notification():
+        if (self.call is None and self.inband is None) or not queue.needs_notification():
             return False
-        self.call.notify()
+        if self.call is not None:
+            self.call.notify()
+        else:
+            self.inband.vring_call(self.index)  # type: ignore[union-attr]
         return True
 
     def enable_notification(self) -> bool:
@@ -223,6 +230,11 @@ class VringState:
         log.error("vring %d failed: %s", self.index, exc)
         if self.err is not None:
             self.err.notify()
+        elif self.inband is not None:
+            try:
+                self.inband.vring_err(self.index)
+            except Exception as chan_exc:  # noqa: BLE001 - reporting must not fail the caller
+                log.warning("vring %d: in-band VRING_ERR failed: %s", self.index, chan_exc)
 
     def __repr__(self) -> str:
         return f"<VringState {self.index} {self.state.value} size={self.size}>"

@@ -52,6 +52,7 @@ class RngBackend(VhostUserBackend):
         self._quota = max_bytes
         self._timer_consumer, self._timer_notifier = new_event_consumer_and_notifier()
         self._timer: threading.Timer | None = None
+        self._timer_pending = False  # a timer is armed and its event not yet handled
         self._timer_registered = False
         #: bytes handed to the guest so far
         self.bytes_served = 0
@@ -78,8 +79,11 @@ class RngBackend(VhostUserBackend):
         return self._quota
 
     def _arm_timer(self) -> None:
-        if self._timer is not None and self._timer.is_alive():
+        # not the timer thread's liveness: it may still be alive right after it
+        # signalled, and the quota may not be renewed yet when we look
+        if self._timer_pending:
             return
+        self._timer_pending = True
         if not self._timer_registered:
             self.register_fd(self._timer_consumer.fileno(), _TIMER_TOKEN)
             self._timer_registered = True
@@ -95,6 +99,7 @@ class RngBackend(VhostUserBackend):
     def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
         if device_event == _TIMER_TOKEN:
             self._timer_consumer.consume()
+            self._timer_pending = False
         self._serve(vrings[0])
 
     def _serve(self, vring: VringState) -> None:
