@@ -96,12 +96,7 @@ class VhostUserDaemon:
     def request_shutdown(self) -> None:
         """Ask the daemon to stop (from any thread, or a signal handler)."""
         self._shutdown.set()
-        try:
-            self._poller.wake()
-        except BrokenPipeError:
-            # the daemon thread is closing its poller right now (pipe notifier:
-            # Poller.close closes the read end before the write end): it stops anyway
-            pass
+        self._poller.wake()
 
     @property
     def running(self) -> bool:

@@ -149,10 +149,10 @@ class Poller:
         """Release the selector and the wake pair (not the registered fds).  Idempotent."""
         if self.closed:
             return
+        with self._wake_lock:  # the write end first: a racing wake() then sees it closed,
+            self._wake_notifier.close()  # never writes into a pipe whose reader is gone
         self._selector.close()
         self._wake_consumer.close()
-        with self._wake_lock:
-            self._wake_notifier.close()
 
     def __enter__(self) -> Poller:
         return self

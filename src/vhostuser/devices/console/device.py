@@ -111,12 +111,8 @@ class Port:
 
 
 class _FdWatch:
-    """Per-port fd registrations on the worker's poller, read and/or write.
-
-    ``VhostUserBackend.register_fd`` watches readability only; write interest
-    needs the worker poller's ``register(fd, token, events)`` / ``modify``, used
-    here under the worker lock (as the vsock device does).
-    """
+    """Per-port fd registrations with the worker (read and/or write interest),
+    through the backend's ``register_fd`` / ``modify_fd`` / ``unregister_fd``."""
 
     def __init__(self, backend: ConsoleBackend) -> None:
         self.backend = backend
@@ -127,24 +123,21 @@ class _FdWatch:
         current = self.fds.setdefault(port, {})
         if desired == current:
             return
-        worker = self.backend._worker(0)  # noqa: SLF001 - see the class docs
+        backend = self.backend
         token = _PORT_TOKEN_BASE + port
-        with worker.lock:
-            try:
-                for fd in [fd for fd in current if fd not in desired]:
-                    worker.poller.unregister(fd)
-                    del current[fd]
-                for fd, events in desired.items():
-                    if fd in current:
-                        worker.poller.modify(fd, token, events)
-                    else:
-                        worker.poller.register(fd, token, events)
-                    current[fd] = events
-            except Exception as exc:  # noqa: BLE001
-                # the daemon stopped (its poller is closed) or the fd went away
-                log.debug("console port %d: watch change failed: %r", port, exc)
-                return
-        worker.poller.wake()
+        try:
+            for fd in [fd for fd in current if fd not in desired]:
+                backend.unregister_fd(fd)
+                del current[fd]
+            for fd, events in desired.items():
+                if fd in current:
+                    backend.modify_fd(fd, token, events)
+                else:
+                    backend.register_fd(fd, token, events=events)
+                current[fd] = events
+        except Exception as exc:  # noqa: BLE001
+            # the daemon stopped (its poller is closed) or the fd went away
+            log.debug("console port %d: watch change failed: %r", port, exc)
 
     def clear_all(self) -> None:
         for port in list(self.fds):
