@@ -23,12 +23,13 @@ class EchoBackend(VhostUserBackend):
 
     def handle_event(self, device_event, vrings, thread_id):
         vring = vrings[device_event]
-        used = []
-        for chain in vring.pop_batch():
-            data = chain.reader().read(chain.writable_len)  # at most what fits
-            chain.writer().write(data)
-            used.append((chain, len(data)))
-        vring.add_used_batch(used)
+        while chains := vring.pop_batch():  # until the ring is empty: one kick may cover many batches
+            used = []
+            for chain in chains:
+                data = chain.reader().read(chain.writable_len)  # at most what fits
+                chain.writer().write(data)
+                used.append((chain, len(data)))
+            vring.add_used_batch(used)
         vring.signal_used_queue()
 
 

@@ -29,7 +29,6 @@ from collections.abc import Collection, Iterator
 
 import pytest
 
-pytest_plugins = ["vhostuser.testing.pytest_plugin"]
 
 _FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
 

@@ -10,9 +10,11 @@ smallest device overrides :attr:`num_queues`, :meth:`features` and
 
         def handle_event(self, device_event, vrings, thread_id):
             vring = vrings[device_event]
-            for chain in vring.pop_batch():
-                data = chain.reader().read_all()
-                vring.add_used(chain, chain.writer().write(data))
+            while chains := vring.pop_batch():      # drain the ring, a batch at a time
+                for chain in chains:
+                    data = chain.reader().read(chain.writable_len)
+                    chain.writer().write(data)
+                    vring.add_used(chain, len(data))
             vring.signal_used_queue()
 
 Threading: the daemon's protocol thread calls the configuration methods
