@@ -1,19 +1,24 @@
 """The one indirection point between the virtqueue classes and a ring core.
 
 :func:`get_core` returns the module implementing the core contract of
-docs/ring-core.md.  For now it is always the pure-Python core; the native core
-(selected by :mod:`vhostuser._impl`) will be returned from here once it exists,
-and nothing else in the package needs to change.
+docs/ring-core.md: the C core (:mod:`._nativecore`, over the cffi extension)
+when :mod:`vhostuser._impl` chose ``native``, else the pure-Python reference
+(:mod:`._pycore`).  No other module looks at the implementation choice.
 """
 from __future__ import annotations
 
 from types import ModuleType
 
-from . import _pycore
+from .. import _impl
 
 __all__ = ["get_core"]
+
+if _impl.IMPL == "native":
+    from . import _nativecore as _CORE
+else:
+    from . import _pycore as _CORE
 
 
 def get_core() -> ModuleType:
     """The ring core in use (module with QueueState, ChainBatch, pop_batch, ...)."""
-    return _pycore
+    return _CORE
