@@ -1,5 +1,6 @@
-"""VsockBackend's ring glue, with stand-in vrings (the ring-level test with the mock
-front-end comes later) and a real, not-started worker whose poller we drive."""
+"""VsockBackend's ring glue, with stand-in vrings and a real, not-started worker
+whose poller we drive.  Real rings (mock front-end as the guest driver):
+``test_vsock_rings.py``; a real guest under QEMU: ``test_vsock_guest.py``."""
 from __future__ import annotations
 
 import os

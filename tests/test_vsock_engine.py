@@ -554,6 +554,45 @@ def test_host_half_close_keeps_guest_sending(rig: Rig) -> None:
     assert got["data"] == b"answer"
 
 
+def test_full_shutdown_waits_until_guest_data_is_delivered(rig: Rig) -> None:
+    """The host half-closed and reads slowly; the guest sends until its credit is
+    gone, then SHUTDOWN SEND.  The engine still holds guest data for the host, so
+    it must not send SHUTDOWN SEND|RCV yet: Linux answers that with RST, which
+    would drop the data (found by the ring-level test)."""
+    g = rig.add()
+    release = threading.Event()
+    got = {}
+
+    def serve(conn: socket.socket) -> None:
+        conn.shutdown(socket.SHUT_WR)      # nothing to say
+        release.wait(TIMEOUT)              # a slow reader
+        got["data"] = recv_all(conn)
+
+    listener = HostListener(f"{g.engine.config.uds_path}_7150", serve)
+    try:
+        c = g.connect(7150)
+        rig.run_until(lambda: c.shutdown_rcvd == SHUTDOWN_SEND, what="SHUTDOWN from the host's half-close")
+        data = os.urandom(4 << 20)
+        g.write(c, data)
+        (conn,) = g.engine.connections.values()
+        rig.run_until(lambda: c.to_send and c.credit() <= 0 and conn.tx_buffered > 0,
+                      what="the guest stalled on credit, the engine holding data (host socket full)")
+        sent = len(data) - len(c.to_send)
+        c.to_send.clear()
+        g.send(c, Op.SHUTDOWN, flags=SHUTDOWN_SEND)
+        for _ in range(20):
+            rig.step()
+        assert c.shutdown_rcvd == SHUTDOWN_SEND and not c.rst, "full SHUTDOWN while data was buffered"
+        release.set()
+        rig.run_until(lambda: c.shutdown_rcvd == SHUTDOWN_BOTH, what="SHUTDOWN SEND|RCV once delivered")
+        g.send(c, Op.RST)
+        rig.run_until(lambda: not g.engine.connections, what="connection removed")
+    finally:
+        release.set()
+        listener.close()
+    assert got["data"] == data[:sent]
+
+
 def test_guest_rst_closes_host_socket(rig: Rig) -> None:
     g = rig.add()
     eof = threading.Event()

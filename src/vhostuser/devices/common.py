@@ -7,6 +7,10 @@
 * ``--print-capabilities`` prints the JSON the vhost-user spec defines and exits;
 * SIGTERM and SIGINT end the program cleanly; it serves again after every
   front-end disconnect until then.
+
+:func:`serve_backends` does all of it for a command with one kind of back-end
+per socket; a command that builds its back-ends itself (vsock: one per VM,
+sharing a sibling registry) calls :func:`serve_daemons` with them.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..backend import VhostUserBackend
@@ -55,8 +59,7 @@ def serve_backends(name: str, args: argparse.Namespace, make_backend: Callable[[
     """Run the command: print capabilities, or serve ``make_backend(i)`` on each socket
     until SIGTERM / SIGINT."""
     if args.print_capabilities:
-        json.dump(caps, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_capabilities(caps)
         return 0
     if (args.socket_path is None) == (args.fd is None):
         print(f"vhostuser {name}: give exactly one of --socket-path or --fd", file=sys.stderr)
@@ -65,23 +68,58 @@ def serve_backends(name: str, args: argparse.Namespace, make_backend: Callable[[
     if args.fd is not None and count != 1:
         print(f"vhostuser {name}: --socket-count needs --socket-path", file=sys.stderr)
         return 2
-    daemons: list[VhostUserDaemon] = []
+    where: list[str | int] = [args.fd] if args.fd is not None else list(socket_paths(args.socket_path, count))
+    served: list[tuple[str, VhostUserBackend, str | int]] = []
     try:
-        if args.fd is not None:
-            daemon = VhostUserDaemon(name, make_backend(0))
-            daemons.append(daemon)
-            daemon.start_fd(args.fd)
-        else:
-            for i, path in enumerate(socket_paths(args.socket_path, count)):
-                daemon = VhostUserDaemon(f"{name}{i}" if count > 1 else name, make_backend(i))
-                daemons.append(daemon)
-                daemon.start_server(path)
-                log.info("%s: serving on %s", name, path)
+        for i, target in enumerate(where):
+            served.append((f"{name}{i}" if len(where) > 1 else name, make_backend(i), target))
     except (OSError, ValueError) as exc:
         print(f"vhostuser {name}: {exc}", file=sys.stderr)
-        for daemon in daemons:
-            daemon.request_shutdown()
-            daemon.wait()
+        _close_backends(b for _, b, _ in served)
+        return 1
+    return serve_daemons(name, served)
+
+
+def print_capabilities(caps: dict[str, Any]) -> None:
+    """Write the ``--print-capabilities`` document to stdout."""
+    json.dump(caps, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _close_backends(backends: Iterable[VhostUserBackend]) -> None:
+    for backend in backends:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+
+
+def serve_daemons(name: str, served: Sequence[tuple[str, VhostUserBackend, str | int]]) -> int:
+    """Serve each ``(daemon name, backend, socket path or inherited fd)`` with its
+    own :class:`VhostUserDaemon` until SIGTERM / SIGINT (or every daemon ended);
+    then close the backends that have ``close()``.  Returns 0, or 1 (message on
+    stderr) if a daemon could not start.  A device command with several
+    back-ends of its own (e.g. one per VM) calls this directly."""
+    daemons: list[VhostUserDaemon] = []
+
+    def shutdown() -> None:
+        for d in daemons:
+            d.request_shutdown()
+        for d in daemons:
+            d.wait()
+        _close_backends(b for _, b, _ in served)
+
+    try:
+        for daemon_name, backend, target in served:
+            daemon = VhostUserDaemon(daemon_name, backend)
+            daemons.append(daemon)
+            if isinstance(target, int):
+                daemon.start_fd(target)
+            else:
+                daemon.start_server(target)
+                log.info("%s: serving on %s", daemon_name, target)
+    except (OSError, ValueError) as exc:
+        print(f"vhostuser {name}: {exc}", file=sys.stderr)
+        shutdown()
         return 1
 
     def stop(signum: int, frame: object) -> None:
@@ -98,10 +136,5 @@ def serve_backends(name: str, args: argparse.Namespace, make_backend: Callable[[
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        for d in daemons:
-            d.request_shutdown()
-            d.wait()
-            close = getattr(d.backend, "close", None)
-            if close is not None:
-                close()
+        shutdown()
     return 0

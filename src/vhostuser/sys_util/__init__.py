@@ -4,6 +4,7 @@
 * :mod:`.sock_ctrl_msg` - :func:`send_with_fds` / :func:`recv_with_fds` (SCM_RIGHTS)
 * :mod:`.shm` - shared memory by fd (memfd_create, or shm_open + unlink), fd mappings
 * :mod:`.poll` - :class:`Poller` over :mod:`selectors` (epoll / kqueue / poll / select)
+* :mod:`.sockstate` - :func:`socket_peer_state` (what a socket's peer shut down, by ``poll()``)
 
 Each variant is picked by a capability probe (never ``sys.platform``) and can be
 forced by a ``kind=`` argument or an environment variable read at call time
@@ -39,6 +40,13 @@ from .shm import (
     create_shm_fd,
     map_fd,
 )
+from .sockstate import (
+    AVAILABLE_SOCKSTATE_KINDS,
+    DEFAULT_SOCKSTATE_KIND,
+    PeerState,
+    SockStateKind,
+    socket_peer_state,
+)
 from .sock_ctrl_msg import (
     HAVE_MSG_CMSG_CLOEXEC,
     MAX_FDS,
@@ -68,6 +76,11 @@ __all__ = [
     "buffer_address",
     "create_shm_fd",
     "map_fd",
+    "AVAILABLE_SOCKSTATE_KINDS",
+    "DEFAULT_SOCKSTATE_KIND",
+    "PeerState",
+    "SockStateKind",
+    "socket_peer_state",
     "HAVE_MSG_CMSG_CLOEXEC",
     "MAX_FDS",
     "recv_into_with_fds",

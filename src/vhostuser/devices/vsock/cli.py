@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import VsockConfigError
-from ..common import add_backend_arguments, capabilities
+from ..common import add_backend_arguments, capabilities, print_capabilities, serve_daemons
 from .engine import (
     DEFAULT_GROUP,
     DEFAULT_GUEST_CID,
@@ -227,12 +226,10 @@ def configs_from_args(args: argparse.Namespace) -> list[VmConfig]:
 
 def run(args: argparse.Namespace) -> int:
     """Serve the configured devices until SIGTERM / SIGINT."""
-    from ...daemon import VhostUserDaemon  # the daemon pulls in the whole protocol stack
-    from .device import VsockBackend
+    from .device import VsockBackend  # the device pulls in the daemon and the protocol stack
 
     if args.print_capabilities:
-        json.dump(CAPABILITIES, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_capabilities(CAPABILITIES)
         return 0
     try:
         vms = configs_from_args(args)
@@ -240,52 +237,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"vhostuser vsock: {exc}", file=sys.stderr)
         return 2
     registry = SiblingRegistry()
-    backends: list[VsockBackend] = []
-    daemons: list[VhostUserDaemon] = []
-
-    def cleanup() -> None:
-        for d in daemons:
-            d.request_shutdown()
-        for d in daemons:
-            d.wait()
-        for b in backends:
-            b.close()
-
+    served: list[tuple[str, VsockBackend, str | int]] = []
     try:
         for vm in vms:
+            target: str | int | None = args.fd if args.fd is not None else vm.socket
+            assert target is not None  # configs_from_args: a socket per VM unless --fd
             backend = VsockBackend(vm.engine, registry=registry, queue_size=vm.queue_size)
-            backends.append(backend)
-            backend.start()
-            daemon = VhostUserDaemon(f"vsock-{vm.engine.guest_cid}", backend)
-            daemons.append(daemon)
-            if args.fd is not None:
-                daemon.start_fd(args.fd)
-            else:
-                assert vm.socket is not None
-                daemon.start_server(vm.socket)
+            served.append((f"vsock-{vm.engine.guest_cid}", backend, target))
+            backend.start()  # bind the host listeners now: a bad uds-path fails before serving
             log.info("vsock: guest CID %d on %s, host side %s", vm.engine.guest_cid,
                      vm.socket or f"fd {args.fd}", vm.engine.uds_path)
     except (OSError, ValueError) as exc:  # VsockConfigError is a ValueError
         print(f"vhostuser vsock: {exc}", file=sys.stderr)
-        cleanup()
+        for _, backend, _ in served:
+            backend.close()
         return 1
-
-    def stop(signum: int, frame: object) -> None:
-        del frame
-        log.info("vsock: signal %d, shutting down", signum)
-        for d in daemons:
-            d.request_shutdown()
-
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while any(d.running for d in daemons):
-            for d in daemons:
-                d.wait(0.2)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        cleanup()
-    return 0
+    return serve_daemons("vsock", served)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,10 +31,10 @@ import collections
 import enum
 import errno
 import logging
-import select
 import socket
 from typing import Final
 
+from ...sys_util.sockstate import socket_peer_state
 from .packet import (
     HOST_CID,
     SEQ_EOM,
@@ -68,23 +68,6 @@ class ConnState(enum.Enum):
     RESETTING = "resetting"
     #: gone: the engine forgets the connection
     CLOSED = "closed"
-
-
-def peer_fully_closed(sock: socket.socket) -> bool:
-    """After EOF on ``sock``: did the peer close both directions (True), or only
-    shut down its sending side (False)?
-
-    AF_UNIX reports POLLHUP only when both directions are shut.  Without
-    ``select.poll`` (a capability probe) we assume a full close."""
-    if not hasattr(select, "poll"):
-        return True
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    try:
-        events = poller.poll(0)
-    except OSError:
-        return True
-    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in events)
 
 
 class VsockConnection:
@@ -331,6 +314,7 @@ class VsockConnection:
     def _after_flush(self) -> None:
         if self.tx_buffered or self.sock is None:
             return
+        self._check_both_done()
         if self._close_after_flush:
             # clean disconnect: the guest shut down both ways; everything it sent is
             # delivered.  Close the host socket and answer with RST (§5.10.6.6).
@@ -385,7 +369,7 @@ class VsockConnection:
         if size == 0:
             # zero bytes: EOF, or a zero-length message (skipped: it carries no data)
             data = self.sock.recv(1)
-            if data or not peer_rdhup(self.sock):
+            if data or not socket_peer_state(self.sock.fileno()).send_shut:
                 return None if not data else data
             return b""
         return self.sock.recv(max(size, 1))
@@ -393,7 +377,7 @@ class VsockConnection:
     def _on_host_eof(self) -> None:
         self.host_eof = True
         flags = SHUTDOWN_SEND
-        if self.sock is not None and peer_fully_closed(self.sock):
+        if self.sock is not None and socket_peer_state(self.sock.fileno()).both_shut:
             flags |= SHUTDOWN_RCV
         log.debug("%r: host EOF (%s close)", self, "full" if flags == SHUTDOWN_BOTH else "half")
         self.shutdown_to_send |= flags
@@ -401,8 +385,10 @@ class VsockConnection:
 
     def _check_both_done(self) -> None:
         # the host sent EOF and the guest shut its sending side: nothing can flow any
-        # more, so tell the guest we are done both ways (it then answers with RST)
-        if self.host_eof and self.guest_shutdown & SHUTDOWN_SEND:
+        # more, so tell the guest we are done both ways (it then answers with RST).
+        # Not while guest data still waits for the host socket: the guest's RST
+        # would make us drop it (_after_flush calls this again once it is out).
+        if self.host_eof and self.guest_shutdown & SHUTDOWN_SEND and not self.tx_buffered:
             self.shutdown_to_send |= SHUTDOWN_BOTH
 
     def has_rx_data(self) -> bool:
@@ -479,19 +465,3 @@ class VsockConnection:
             buf_alloc=self.buf_alloc if buf_alloc is None else buf_alloc,
             fwd_cnt=self.fwd_cnt if fwd_cnt is None else fwd_cnt,
         )
-
-
-def peer_rdhup(sock: socket.socket) -> bool:
-    """Has the peer shut down its sending side (EOF pending)?  Distinguishes EOF
-    from a zero-length SOCK_SEQPACKET message."""
-    if not hasattr(select, "poll"):
-        return True
-    poller = select.poll()
-    mask = select.POLLIN | getattr(select, "POLLRDHUP", 0)
-    poller.register(sock.fileno(), mask)
-    try:
-        events = poller.poll(0)
-    except OSError:
-        return True
-    bits = getattr(select, "POLLRDHUP", 0) | select.POLLHUP
-    return any(ev & bits for _, ev in events)

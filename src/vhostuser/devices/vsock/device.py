@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING
 from ...backend import FIRST_DEVICE_TOKEN, VhostUserBackend
 from ...errors import ChainTooShort, VsockPacketError
 from ...sys_util.event import new_event_consumer_and_notifier
-from ...sys_util.poll import EVENT_READ
 from .engine import SiblingRegistry, VsockEngine, VsockEngineConfig
-from .packet import HDR_SIZE, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM, VsockHeader
+from .packet import HDR_SIZE, MAX_PKT_PAYLOAD, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM, VsockHeader
 
 if TYPE_CHECKING:
     from ...memory import GuestMemory
@@ -49,13 +48,9 @@ _TX_BATCH = 64
 
 
 class _WorkerWatcher:
-    """:class:`~vhostuser.devices.vsock.engine.FdWatcher` on the device's worker poller.
-
-    Readability alone goes through :meth:`VhostUserBackend.register_fd`; read +
-    write interest needs ``Poller.modify`` on the worker's poller, which the
-    backend API does not expose (yet), so it is used directly, under the
-    worker lock.
-    """
+    """:class:`~vhostuser.devices.vsock.engine.FdWatcher` on the device's worker
+    poller, through :meth:`VhostUserBackend.register_fd` / ``modify_fd`` /
+    ``unregister_fd`` (token ``_FD_TOKEN_BASE + fd``)."""
 
     def __init__(self, backend: VsockBackend) -> None:
         self.backend = backend
@@ -74,17 +69,11 @@ class _WorkerWatcher:
                 # the daemon already stopped its worker (and closed its poller)
                 log.debug("unwatching fd %d: %r", fd, exc)
             return
+        if prev:
+            self.backend.modify_fd(fd, token, events)
+        else:
+            self.backend.register_fd(fd, token, events=events)
         self._events[fd] = events
-        if not prev and events == EVENT_READ:
-            self.backend.register_fd(fd, token)
-            return
-        worker = self.backend._worker(0)  # noqa: SLF001 - see the class docs
-        with worker.lock:
-            if prev:
-                worker.poller.modify(fd, token, events)
-            else:
-                worker.poller.register(fd, token, events)
-        worker.poller.wake()
 
 
 class VsockBackend(VhostUserBackend):
@@ -195,8 +184,10 @@ class VsockBackend(VhostUserBackend):
     def _tx_chain(self, chain) -> None:  # noqa: ANN001 - a virtqueue DescriptorChain
         reader = chain.reader()
         hdr = VsockHeader.unpack(reader.read_exact(HDR_SIZE))
-        hdr.validate()
+        if hdr.len > MAX_PKT_PAYLOAD:
+            raise VsockPacketError(f"payload length {hdr.len} exceeds {MAX_PKT_PAYLOAD}")
         payload = reader.read_exact(hdr.len) if hdr.len else b""
+        # the engine validates op and type, and answers a bad packet with RST
         self.engine.handle_tx_packet(hdr, payload)
 
     def _process_rx(self, vring: VringState | None) -> None:
