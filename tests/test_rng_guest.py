@@ -47,3 +47,35 @@ def test_guest_reads_exactly_the_source_file(tmp_path: Path) -> None:
         assert READ_SIZE <= backend.bytes_served <= FILE_SIZE
         assert daemon.connections == 1
     backend.close()
+
+
+def test_guest_reads_the_whole_file_in_order(tmp_path: Path) -> None:
+    """The guest reads the file to its end: once the script has stopped the
+    kernel's own reader (khwrngd, which virtio-rng's quality of 1000 starts, and
+    which takes some bytes during boot), it gets exactly the rest of the file,
+    in order, and then the source is exhausted (reads block rather than invent
+    data)."""
+    source = tmp_path / "entropy.bin"
+    pattern = os.urandom(8192)
+    source.write_bytes(pattern)
+    sock = str(tmp_path / "rng.sock")
+    backend = RngBackend(str(source))
+    with VhostUserDaemon("rng", backend) as daemon:
+        daemon.start_server(sock)
+        result = run_guest(
+            "echo 0 > /sys/class/misc/hw_random/rng_quality\n"  # stops khwrngd
+            # reads of the hwrng core's chunk size (64 bytes on x86): a read blocks
+            # until it is filled, so when the source runs dry only the last,
+            # unfillable read is cut short; smaller reads would come out of the
+            # core's buffer back to front
+            "timeout 3 dd if=/dev/hwrng of=/tmp/r bs=64 2>/dev/null\n"
+            "od -An -v -tx1 /tmp/r\n",
+            devices=[VhostUserDevice("rng", sock)],
+            timeout=180,
+        )
+        got = _hexdump_bytes(result.output)
+    backend.close()
+    early = len(pattern) - len(got)
+    assert 0 <= early <= 4096, f"the guest kernel took {early} bytes before the script ran"
+    assert got == pattern[early:]
+    assert backend.exhausted and backend.bytes_served == len(pattern)
