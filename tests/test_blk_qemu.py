@@ -15,7 +15,6 @@ Three boots (~5 s each):
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import signal
 import socket
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.qsd import qsd_export
 
 from vhostuser.daemon import VhostUserDaemon
 from vhostuser.devices.blk.device import BlkBackend
@@ -103,19 +103,6 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def run_qsd(image: Path, sock: Path, pidfile: Path) -> int:
-    binary = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
-    if not os.access(binary, os.X_OK):
-        pytest.fail("qemu-storage-daemon not found: install the Debian package qemu-system-common")
-    done = subprocess.run(
-        [binary, "--blockdev", f"driver=file,node-name=file0,filename={image}",
-         "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on",
-         "--daemonize", "--pidfile", str(pidfile)],
-        capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return int(pidfile.read_text())
-
-
 def test_guest_io_same_as_qemu_storage_daemon(tmp_path: Path, short_dir: Path, no_fd_leak: None) -> None:
     ours_img = make_image(tmp_path / "ours.img")
     qsd_img = make_image(tmp_path / "qsd.img")
@@ -132,15 +119,8 @@ def test_guest_io_same_as_qemu_storage_daemon(tmp_path: Path, short_dir: Path, n
         backend.close()
 
     # --- qemu-storage-daemon, same script
-    qsock = short_dir / "qsd.sock"
-    pid = run_qsd(qsd_img, qsock, tmp_path / "qsd.pid")
-    try:
+    with qsd_export(qsd_img, short_dir / "qsd.sock") as qsock:
         qsd_out = guest(IO_SCRIPT, [VhostUserDevice("blk", qsock)])
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     p = md5(PATTERN)
     lines = dict(line.split(" ", 1) if " " in line else line.split("=", 1) for line in ours_out.split("\n") if line)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.qsd import qsd_binary, qsd_blk
 
 from vhostuser.cli import main as cli_main
 from vhostuser.devices.rng import RngBackend
@@ -83,35 +82,15 @@ def test_cli_check_exec_failure(capsys) -> None:
 
 # ------------------------------------------------------------------- qsd
 @pytest.fixture
-def qsd_blk(tmp_path: Path):
+def qsd_blk_socket() -> Iterator[str]:
     """qemu-storage-daemon exporting a 64 MiB image over vhost-user-blk; yields the socket path."""
-    binary = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
-    if not os.access(binary, os.X_OK):
-        pytest.fail("qemu-storage-daemon not found: install the Debian package qemu-system-common")
-    image, pidfile = tmp_path / "disk.img", tmp_path / "qsd.pid"
-    sock = Path(__import__("tempfile").mkdtemp(prefix="vhu-qsd-")) / "qsd.sock"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    cmd = [binary, "--blockdev", f"driver=file,node-name=file0,filename={image}",
-           "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on",
-           "--daemonize", "--pidfile", str(pidfile)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    pid = int(pidfile.read_text()) if pidfile.exists() else None
-    try:
-        assert done.returncode == 0, done.stderr
+    with qsd_blk(64 << 20) as (sock, _image):
         yield str(sock)
-    finally:
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 @pytest.mark.qsd
-def test_checker_against_qsd(qsd_blk: str) -> None:
-    results = run_checks(qsd_blk, device="blk", timeout=5)
+def test_checker_against_qsd(qsd_blk_socket: str) -> None:
+    results = run_checks(qsd_blk_socket, device="blk", timeout=5)
     got = statuses(results)
     report = format_report(results)
     # everything a working front-end needs passes, the blk data path included
@@ -132,7 +111,7 @@ def test_checker_against_qsd(qsd_blk: str) -> None:
 
 @pytest.mark.qsd
 def test_cli_check_exec_qsd(tmp_path: Path, capsys) -> None:
-    binary = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
+    binary = qsd_binary()
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(16 << 20)

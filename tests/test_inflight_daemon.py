@@ -3,7 +3,6 @@ requests in flight; a new back-end process on the same socket gets the inflight
 area from the front-end and completes exactly those requests."""
 from __future__ import annotations
 
-import os
 import select
 import subprocess
 import sys

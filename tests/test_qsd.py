@@ -3,13 +3,13 @@ vhost-user-blk export (libvhost-user).  Control plane only, all with REPLY_ACK."
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import struct
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from helpers.qsd import qsd_blk
 
 from vhostuser.frontend import Frontend
 from vhostuser.protocol.message import VhostUserProtocolFeatures as PF
@@ -23,31 +23,10 @@ USER_ADDR = 0x7F0000000000
 
 
 @pytest.fixture
-def qsd(tmp_path: Path):
-    """Start qemu-storage-daemon exporting a fresh raw image; yield its socket path."""
-    binary = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
-    if not os.access(binary, os.X_OK):
-        pytest.fail("qemu-storage-daemon not found: install the Debian package qemu-system-common")
-    image, sock, pidfile = tmp_path / "disk.img", tmp_path / "qsd.sock", tmp_path / "qsd.pid"
-    with open(image, "wb") as f:
-        f.truncate(IMAGE_SIZE)
-    cmd = [binary,
-           "--blockdev", f"driver=file,node-name=file0,filename={image}",
-           "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on",
-           "--daemonize", "--pidfile", str(pidfile)]
-    # --daemonize: the parent exits once the export is listening, so no polling is needed
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    pid = int(pidfile.read_text()) if pidfile.exists() else None
-    try:
-        assert done.returncode == 0, done.stderr
-        assert sock.exists()
+def qsd() -> Iterator[Path]:
+    """qemu-storage-daemon exporting a fresh raw image; yields its socket path."""
+    with qsd_blk(IMAGE_SIZE) as (sock, _image):
         yield sock
-    finally:
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.mark.qsd

@@ -10,7 +10,7 @@ from vhostuser.errors import ChainTooShort, QueueAddressError, QueueError, Queue
 from vhostuser.memory import DirtyLog, GuestMemory, MemoryRegion
 from vhostuser.virtqueue import Layout, Queue, VIRTQ_USED_F_NO_NOTIFY
 from vhostuser.virtqueue.defs import RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE
-from vhostuser.virtqueue.driver import PackedDriver, RingDriver, SplitDriver
+from vhostuser.virtqueue.driver import RingDriver
 
 LAYOUTS = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 

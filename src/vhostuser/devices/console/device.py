@@ -306,6 +306,10 @@ class ConsoleBackend(VhostUserBackend):
 
     def vring_started(self, index: int, vring: VringState) -> None:
         self._attach()
+        self._queue_ready(index)
+
+    def _queue_ready(self, index: int) -> None:
+        """Queue ``index`` was kicked or started: do what it can now."""
         role, p = queue_role(index)
         if role == "ctrl-rx":
             self._flush_ctrl()
@@ -335,16 +339,7 @@ class ConsoleBackend(VhostUserBackend):
         if device_event >= _PORT_TOKEN_BASE:
             self._service(self.ports[device_event - _PORT_TOKEN_BASE])
             return
-        role, p = queue_role(device_event)
-        if role == "ctrl-tx":
-            self._process_ctrl_tx()
-        elif role == "ctrl-rx":
-            self._flush_ctrl()
-        elif p < len(self.ports):
-            port = self.ports[p]
-            if role == "rx":
-                port.rx_starved = False
-            self._service(port)
+        self._queue_ready(device_event)
 
     def _service(self, port: Port) -> None:
         """Do everything that can be done for ``port`` now, then watch what it waits for."""
