@@ -21,32 +21,24 @@ raw I/O and can never reach outside ``[0, capacity)`` by accident:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
 import mmap
 import os
 import stat
-import struct
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ...errors import BlkImageError
+from ...sys_util import fileops
+from ...sys_util.fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, block_sector_size
 
 log = logging.getLogger(__name__)
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
-
-#: fallocate(2) modes (linux/falloc.h)
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-#: ioctl(BLKSSZGET): logical sector size of a block device (linux/fs.h _IO(0x12, 104))
-BLKSSZGET = 0x1268
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _IOV_MAX = 1024
@@ -55,30 +47,6 @@ try:
 except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX-complete
     pass
 _ZERO_CHUNK = 1 << 20
-
-
-def _load_fallocate():  # noqa: ANN202 - a ctypes function or None
-    """libc's ``fallocate(int fd, int mode, off_t offset, off_t len)`` (Linux), or None."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _load_fallocate()
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """``fallocate(2)``; raises :class:`OSError` (``EOPNOTSUPP`` where there is none)."""
-    if _fallocate is None:
-        raise OSError(errno.EOPNOTSUPP, "fallocate() is not available on this system")
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _buffer_address(view: memoryview) -> int | None:
@@ -185,14 +153,10 @@ class BlockImage:
     @property
     def can_fallocate(self) -> bool:
         """fallocate(2) exists here (punch hole / zero range may still be refused per file)."""
-        return _fallocate is not None and not self.read_only
+        return fileops.HAVE_FALLOCATE and not self.read_only
 
     def _blkssz(self) -> int:
-        try:
-            buf = fcntl.ioctl(self.fd, BLKSSZGET, b"\0\0\0\0")
-            return max(SECTOR_SIZE, struct.unpack("i", buf)[0])
-        except OSError:  # pragma: no cover - not Linux
-            return SECTOR_SIZE
+        return block_sector_size(self.fd, SECTOR_SIZE)
 
     def _probe_direct_alignment(self) -> int:
         """The smallest power-of-two alignment O_DIRECT reads accept (512..4096)."""
@@ -351,10 +315,10 @@ class BlockImage:
 
     def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
         """fallocate; False if the OS / file system does not support ``mode``."""
-        if _fallocate is None:
+        if not fileops.HAVE_FALLOCATE:
             return False
         try:
-            fallocate(self.fd, mode, offset, length)
+            fileops.fallocate(self.fd, mode, offset, length)
             return True
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY):
