@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from uuid import UUID
 from typing import TYPE_CHECKING, ClassVar
 
 from .errors import DeviceError
@@ -57,10 +58,10 @@ class VhostUserBackend:
     Override what your device needs; every method has a sensible default.
     """
 
-    #: number of virtqueues the device has
-    num_queues: ClassVar[int] = 1
+    #: number of virtqueues the device has (a class attribute, or set per instance)
+    num_queues: int = 1
     #: the largest queue size the device accepts
-    max_queue_size: ClassVar[int] = 1024
+    max_queue_size: int = 1024
     #: virtio device features the device offers (device-specific bits).
     #: VERSION_1, RING_EVENT_IDX, RING_INDIRECT_DESC and RING_PACKED are added
     #: by :meth:`features` unless you override it.
@@ -214,7 +215,7 @@ class VhostUserBackend:
         """The front-end gave us a channel for back-end requests (SET_BACKEND_REQ_FD)."""
         self.backend_channel = channel
 
-    def get_shared_object(self, uuid: bytes) -> int:
+    def get_shared_object(self, uuid: UUID) -> int:
         """Return an fd (which the daemon sends and then closes) for the shared
         object ``uuid`` (GET_SHARED_OBJECT).  Devices that export objects override."""
         raise DeviceError("this device exports no shared objects")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from uuid import UUID
 from collections.abc import Sequence
 from contextlib import ExitStack
 
@@ -191,7 +192,7 @@ class VhostUserHandler(BackendReqHandler):
         if old is not None and old is not memory:
             old.close()
 
-    def set_mem_table(self, regions: Sequence[P.MemoryRegion], fds: list[int]) -> None:
+    def set_mem_table(self, regions: Sequence[P.MemoryRegion], fds: Sequence[int]) -> None:
         self._install_memory(GuestMemory.from_table(regions, fds))
 
     def get_max_mem_slots(self) -> int:
@@ -236,7 +237,7 @@ class VhostUserHandler(BackendReqHandler):
         with vring.lock:
             vring.addresses = VringAddresses(addr.flags, addr.descriptor, addr.used, addr.available, addr.log)
             if vring.queue is not None:  # logging switched on or off while running
-                vring.queue.set_used_log(addr.log if addr.flags & 1 else None)
+                vring.queue.set_log_used(bool(addr.flags & 1), addr.log)
 
     def set_vring_base(self, index: int, num: int) -> None:
         vring = self._vring(index)
@@ -321,7 +322,7 @@ class VhostUserHandler(BackendReqHandler):
                 vring.inband = inband
         self.backend.set_backend_req_fd(channel)
 
-    def get_shared_object(self, uuid: bytes) -> int:
+    def get_shared_object(self, uuid: UUID) -> int:
         return self.backend.get_shared_object(uuid)
 
     # ------------------------------------------------------------ inflight I/O

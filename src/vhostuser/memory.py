@@ -63,12 +63,16 @@ _U64 = struct.Struct("<Q")
 
 
 class MemoryRegionDescription(Protocol):
-    """What the protocol layer's memory-region payload provides (duck-typed)."""
+    """What the protocol layer's memory-region payload provides (duck-typed, read-only)."""
 
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    mmap_offset: int
+    @property
+    def guest_phys_addr(self) -> int: ...
+    @property
+    def memory_size(self) -> int: ...
+    @property
+    def userspace_addr(self) -> int: ...
+    @property
+    def mmap_offset(self) -> int: ...
 
 
 def _check_range(addr: int, length: int, what: str = "guest address") -> None:

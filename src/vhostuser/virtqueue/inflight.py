@@ -23,6 +23,10 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +281,7 @@ _FAKE_SPLIT_AVAIL = struct.Struct("<HHH")  # flags, idx=1, ring[0]=head
 _RING_DESC = struct.Struct("<QIHH")  # packed: addr, len, id, flags
 
 
-def rebuild_chain(mem: object, *, packed: bool, size: int, desc_gpa: int, item: Resubmit) -> object:
+def rebuild_chain(mem: GuestMemory, *, packed: bool, size: int, desc_gpa: int, item: Resubmit) -> Any:
     """The chain of a request to resubmit, walked by the pure-Python core with
     every check a pop does (bounds, loops, indirect tables).
 

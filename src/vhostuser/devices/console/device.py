@@ -173,8 +173,8 @@ class ConsoleBackend(VhostUserBackend):
         if out_high < 1 or backlog < 0:
             raise ConsoleConfigError("out_high must be positive and backlog >= 0")
         self.multiport = multiport
-        self.num_queues = num_queues(len(hosts), multiport)  # type: ignore[misc] - per instance
-        self.max_queue_size = max_queue_size  # type: ignore[misc] - per instance
+        self.num_queues = num_queues(len(hosts), multiport)  # per instance
+        self.max_queue_size = max_queue_size  # per instance
         self.out_high = out_high
         self.backlog = backlog
         self.ports = [Port(i, h, names[i] if i < len(names) else None, is_console=(i == 0))

@@ -84,7 +84,7 @@ class VsockBackend(VhostUserBackend):
     def __init__(self, config: VsockEngineConfig, *, registry: SiblingRegistry | None = None,
                  queue_size: int = 1024) -> None:
         super().__init__()
-        self.max_queue_size = queue_size  # type: ignore[misc] - per instance (--queue-size)
+        self.max_queue_size = queue_size  # per instance (--queue-size)
         self.config_space = struct.pack("<Q", config.guest_cid)
         self._lock = threading.RLock()
         self._wake_consumer, self._wake_notifier = new_event_consumer_and_notifier()
