@@ -15,7 +15,8 @@ Measures (numbers are printed, never asserted):
      ``Queue.add_used_batch([(chain, 0), ...])``, what device code calls.
    The driver side refills the ring outside the timed region.
 2. GB/s for 64 KiB copies into guest memory: the core's ``scatter`` copy helper
-   and ``Writer.write``, next to a plain memcpy of the same size
+   and ``chain.writer().write``, and out of it: ``gather_into`` and
+   ``chain.reader().readinto`` (into a bytearray), next to a plain memcpy of the same size
    (``ctypes.memmove``) and a memoryview slice assignment.
 
 Both cores run whatever VHOSTUSER_IMPL says (the C one needs the extension built).
@@ -221,10 +222,12 @@ def bench_copies(core: Any, seconds: float) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         ring = Ring(mem, False, 1)
-        # one chain: a single 64 KiB writable buffer
+        # one chain with a single 64 KiB writable buffer, then one with the same
+        # buffer device-readable (heads 0 and 1 are the first two available)
         mem.write(ring.desc, struct.pack("<QIHH", DATA_GPA, COPY, VIRTQ_DESC_F_WRITE, 0))
+        mem.write(ring.desc + 16, struct.pack("<QIHH", DATA_GPA, COPY, 0, 0))
         q = _queue_for(core, ring)
-        (c,) = q.pop_batch(1)
+        c, c_in = q.pop_batch(2)
         data = os.urandom(COPY)
         clock = time.perf_counter
         addrs, lens = c._addrs, c._lens
@@ -245,6 +248,32 @@ def bench_copies(core: Any, seconds: float) -> dict[str, float]:
         out["scatter"] = _timed(seconds, helper) / 1e9
         out["Writer.write"] = _timed(seconds, writer) / 1e9
         assert mem.read(DATA_GPA, COPY) == data
+
+        # and back out of guest memory (the same buffer, read as a byte stream)
+        buf = bytearray(COPY)
+        addrs, lens = c_in._addrs, c_in._lens
+        first = c_in._start
+        gather_into = core.gather_into
+        dst = memoryview(buf)
+
+        def helper_in() -> tuple[int, float]:
+            t0 = clock()
+            for _ in range(64):
+                gather_into(mem, addrs, lens, first, 1, 0, dst, COPY)
+            return 64 * COPY, clock() - t0
+
+        def reader() -> tuple[int, float]:
+            t0 = clock()
+            for _ in range(64):
+                c_in.reader().readinto(buf)
+            return 64 * COPY, clock() - t0
+
+        buf[:] = bytes(COPY)
+        out["gather_into (out)"] = _timed(seconds, helper_in) / 1e9
+        assert bytes(buf) == data
+        buf[:] = bytes(COPY)
+        out["Reader.readinto (out)"] = _timed(seconds, reader) / 1e9
+        assert bytes(buf) == data
         q.set_ready(False)
     finally:
         mem.close()
@@ -301,7 +330,7 @@ def main() -> int:
                       f"{rates['native'] / rates['python']:6.1f}x", flush=True)  # fmt: skip
     print()
     base = bench_memcpy(secs)
-    print(f"{'64 KiB copy into guest memory':34} {'GB/s':>8} {'vs memmove':>11}")
+    print(f"{'64 KiB copy into (out of) guest mem':34} {'GB/s':>8} {'vs memmove':>11}")
     print(f"{'ctypes.memmove (baseline)':34} {base['memmove']:8.2f} {1.0:10.2f}x")
     print(f"{'memoryview slice assignment':34} {base['slice']:8.2f} {base['slice'] / base['memmove']:10.2f}x")
     for name, core in cores:

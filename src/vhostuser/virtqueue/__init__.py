@@ -7,8 +7,9 @@
   with zero-copy memoryviews for ``os.preadv``/``os.pwritev``.
 * :mod:`vhostuser.virtqueue.driver` - the driver side, for tests and mock front-ends.
 
-The hot loop lives in a "ring core" (docs/ring-core.md): pure Python now, a C
-twin later, chosen in :mod:`vhostuser.virtqueue._core`.
+The hot loop lives in a "ring core" (docs/ring-core.md): the C core
+(``_native/ring.c`` over cffi) when the extension is built, else the pure-Python
+reference; :mod:`vhostuser.virtqueue._core` picks one (``VHOSTUSER_IMPL``).
 """
 from __future__ import annotations
 

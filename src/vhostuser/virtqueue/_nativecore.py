@@ -7,12 +7,11 @@ Same functions, same results, same state changes, same guest-memory writes, same
   writes the C fields, so :class:`~vhostuser.virtqueue.Queue` uses either state
   alike).
 * :class:`ChainBatch` is filled with cffi arrays, never with a Python object per
-  descriptor.  The arrays are preallocated per queue state and reused: the
-  per-chain arrays on every pop (a :class:`DescriptorChain` copies its few
-  per-chain values when it is built), the per-descriptor arrays (``addr``,
-  ``len``, ``flags``) as soon as no chain or cursor from an earlier pop refers to
-  them any more (tracked with an ``ffi.gc`` pointer), otherwise a fresh set is
-  allocated.  Chains are thus lazy views over flat C arrays.
+  descriptor or per chain value.  Each pop fills a block of per-chain and
+  per-descriptor arrays that belongs to it as long as anything refers to it (a
+  batch, its chains, their cursors: tracked with an ``ffi.gc`` lease); free
+  blocks are reused from a small per-state pool.  Chains are thus lazy views
+  over flat C arrays.
 * guest memory tables are built once per :class:`~vhostuser.memory.GuestMemory`
   snapshot (``mem.native_table``).
 
@@ -22,6 +21,7 @@ core the package uses.
 """
 from __future__ import annotations
 
+from array import array as _array
 from typing import Any
 
 from .. import _impl
@@ -42,6 +42,7 @@ __all__ = [
     "set_notification",
     "avail_pending",
     "gather",
+    "gather_into",
     "scatter",
     "ffi",
     "lib",
@@ -69,8 +70,11 @@ _from_buffer = ffi.from_buffer
 _unpack = ffi.unpack
 _U32_MAX = 0xFFFFFFFF
 _PACKED = Layout.PACKED
-#: batches of at least this many chains get their per-chain values as lists
-_UNPACK_MIN = 8
+#: from this many values on, lists go to C through an array.array (~7 ns a value
+#: instead of ~23 for a cffi slice assignment)
+_ARRAY_MIN = 8 if _array("I").itemsize == 4 else 1 << 62
+_U32_CODE = "I" if _array("I").itemsize == 4 else "?"  # "?": no such array typecode
+_memmove = ffi.memmove
 
 _lib_configure = lib.vu_queue_configure
 _lib_pop = lib.vu_queue_pop_batch
@@ -125,16 +129,33 @@ _BOOL_FIELDS = ("ready", "event_idx", "notify_enabled", "log_used")
 
 
 class _Block:
-    """Per-descriptor arrays of one capacity; ``busy`` while an ``ffi.gc`` view of
-    ``addr`` (held by a batch, its chains and their cursors) is alive."""
+    """The arrays one pop fills, with their own ``struct vu_chain_batch`` (``cb``)
+    pointing at them: per descriptor (``addr``, ``len``, ``flags``, for ``cap``
+    descriptors) and per chain (``chain``: head, slots, desc_start, ndesc, nread,
+    read_bytes, write_bytes, for ``ccap`` chains).  ``busy`` while an ``ffi.gc``
+    view of ``addr`` (held by a batch, its chains and their cursors) is alive:
+    chains read their values from these arrays when asked."""
 
-    __slots__ = ("cap", "addr", "len", "flags", "busy")
+    __slots__ = ("cap", "ccap", "cb", "addr", "len", "flags", "chain", "busy")
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, ccap: int) -> None:
         self.cap = cap
+        self.ccap = ccap
         self.addr = _new_raw("uint64_t[]", cap)
         self.len = _new_raw("uint32_t[]", cap)
         self.flags = _new_raw("uint16_t[]", cap)
+        self.chain = (
+            _new_raw("uint32_t[]", ccap), _new_raw("uint32_t[]", ccap), _new_raw("uint32_t[]", ccap),
+            _new_raw("uint32_t[]", ccap), _new_raw("uint32_t[]", ccap), _new_raw("uint64_t[]", ccap),
+            _new_raw("uint64_t[]", ccap),
+        )  # fmt: skip
+        cb = self.cb = ffi.new("struct vu_chain_batch *")
+        cb.addr = self.addr
+        cb.len = self.len
+        cb.flags = self.flags
+        cb.desc_alloc = cap
+        cb.head, cb.slots, cb.desc_start, cb.ndesc, cb.nread, cb.read_bytes, cb.write_bytes = self.chain
+        cb.chain_cap = ccap
         self.busy = False
 
     def release(self, _p: Any) -> None:
@@ -145,21 +166,45 @@ class _Block:
         return _gc(_cast("uint64_t *", self.addr), self.release)
 
 
+#: blocks kept per queue state for reuse (a device holding the chains of one or
+#: two earlier pops while it pops again still allocates nothing)
+_POOL = 3
+
+
+def _get_block(st: Any, need_desc: int, need_chains: int) -> _Block:
+    """A free block of at least this capacity (the current one if it is free)."""
+    blk = st._blk
+    if blk is not None and not blk.busy and blk.cap >= need_desc and blk.ccap >= need_chains:
+        return blk
+    pool = st._pool
+    for b in pool:
+        if not b.busy and b.cap >= need_desc and b.ccap >= need_chains:
+            st._blk = b
+            return b
+    size = st._q.size
+    if blk is None:
+        blk = _Block(max(need_desc, size, 1), max(need_chains, 16))
+    else:  # never smaller than the last one: no ping-pong between sizes
+        blk = _Block(max(need_desc, size, blk.cap), max(need_chains, blk.ccap))
+    # keep the free blocks that are big enough and the busy ones (they come back)
+    pool[:] = [b for b in pool if b.busy or (b.cap >= blk.cap and b.ccap >= blk.ccap)][-(_POOL - 1) :] + [blk]
+    st._blk = blk
+    return blk
+
+
 class QueueState:
     """Per-queue state in a C ``struct vu_queue``; the fields of
     :class:`._pycore.QueueState` are properties over it."""
 
     __slots__ = (
         "_q", "_log", "_desc_mv", "_driver_mv", "_device_mv",
-        "_cb", "_chain_cap", "_carr", "_blk", "_ucap", "_uids", "_ulens", "_uslots",
+        "_blk", "_pool", "_ucap", "_uids", "_ulens", "_uslots",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self._q = ffi.new("struct vu_queue *")
-        self._cb = ffi.new("struct vu_chain_batch *")
-        self._chain_cap = 0
-        self._carr: tuple[Any, ...] = ()
         self._blk: _Block | None = None
+        self._pool: list[_Block] = []
         self._ucap = 0
         self._uids = self._ulens = self._uslots = _NULL
         self.reset()
@@ -223,19 +268,6 @@ class QueueState:
             self._q.device_host = _NULL
 
     # -- scratch
-    def _grow_chains(self, need: int) -> None:
-        cap = max(need, 2 * self._chain_cap, 16)
-        arrs = (
-            _new_raw("uint32_t[]", cap), _new_raw("uint32_t[]", cap), _new_raw("uint32_t[]", cap),
-            _new_raw("uint32_t[]", cap), _new_raw("uint32_t[]", cap), _new_raw("uint64_t[]", cap),
-            _new_raw("uint64_t[]", cap),
-        )  # fmt: skip
-        cb = self._cb
-        cb.head, cb.slots, cb.desc_start, cb.ndesc, cb.nread, cb.read_bytes, cb.write_bytes = arrs
-        cb.chain_cap = cap
-        self._carr = arrs
-        self._chain_cap = cap
-
     def _grow_used(self, n: int) -> None:
         cap = max(n, 2 * self._ucap, 64)
         self._uids = _new_raw("uint32_t[]", cap)
@@ -262,14 +294,15 @@ del _name
 
 class ChainBatch:
     """Output of :func:`pop_batch` (see :class:`._pycore.ChainBatch`): the same
-    attributes, indexable cffi arrays instead of lists.  Per-chain arrays are
-    valid until the next pop on the same queue; per-descriptor arrays as long as
-    they are referenced.
+    attributes, indexable cffi arrays instead of lists.  All of them (per chain
+    and per descriptor) belong to this pop alone as long as the batch's ``addr``
+    (a lease of them) is referenced - by the batch, its chains or their cursors;
+    the next pop into the same batch object lets go of it, so with one reused
+    batch they are valid until the next pop.
 
-    With ``raw=True`` the per-chain arrays are always the cffi ``uint32_t``/
-    ``uint64_t`` arrays, so ``head`` and ``slots`` can go straight back into
-    :func:`add_used_batch` (the zero-copy batch API); otherwise batches of 8+
-    chains carry them as lists, which DescriptorChain reads faster."""
+    ``head`` and ``slots`` can go straight back into :func:`add_used_batch` (the
+    zero-copy batch API).  ``raw`` is accepted for compatibility: the per-chain
+    values are always cffi arrays."""
 
     __slots__ = (
         "count", "desc_cap", "head", "slots", "desc_start", "ndesc", "nread",
@@ -326,7 +359,6 @@ def pop_batch(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBat
     if tbl is None:
         tbl = mem_table(mem)
     q = st._q
-    cb = st._cb
     # let go of what this batch held from its previous use, so it can be reused
     batch.addr = batch.len = batch.flags = ()
     if max_chains < 0:
@@ -337,18 +369,11 @@ def pop_batch(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBat
     size = q.size
     # Chains per batch <= min(max_chains, size); descriptors per chain <= size.
     need_chains = max_chains if max_chains < size else size
-    if need_chains > st._chain_cap:
-        st._grow_chains(need_chains)
     need_desc = need_chains * size
     if desc_cap < need_desc:
         need_desc = desc_cap
-    blk = st._blk
-    if blk is None or blk.busy or blk.cap < need_desc:
-        blk = st._blk = _Block(max(need_desc, size, 1))
-        cb.addr = blk.addr
-        cb.len = blk.len
-        cb.flags = blk.flags
-        cb.desc_alloc = blk.cap
+    blk = _get_block(st, need_desc, need_chains)
+    cb = blk.cb
     cb.desc_cap = desc_cap if desc_cap < _U32_MAX else _U32_MAX
     lg = _logging(st) if st._log is not None else None
     if lg is None:
@@ -358,15 +383,9 @@ def pop_batch(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBat
             n = _lib_pop(q, tbl, max_chains, cb)
     if n > 0:
         batch.count = n
-        carr = st._carr
-        if n >= _UNPACK_MIN and not batch.raw:
-            # DescriptorChain reads 7 per-chain values: from lists that is ~20 ns
-            # cheaper per value than from cdata, which pays for the unpack.
-            (batch.head, batch.slots, batch.desc_start, batch.ndesc, batch.nread, batch.read_bytes,
-             batch.write_bytes) = [_unpack(a, n) for a in carr]  # fmt: skip
-        else:
-            (batch.head, batch.slots, batch.desc_start, batch.ndesc, batch.nread,
-             batch.read_bytes, batch.write_bytes) = carr  # fmt: skip
+        # views, not copies: the lease below keeps them for this batch's chains
+        (batch.head, batch.slots, batch.desc_start, batch.ndesc, batch.nread,
+         batch.read_bytes, batch.write_bytes) = blk.chain  # fmt: skip
         batch.addr = blk.lease()
         batch.len = blk.len
         batch.flags = blk.flags
@@ -379,8 +398,17 @@ def _u32_array(st: QueueState, which: int, values: Any, n: int) -> Any:
     if isinstance(values, _CData):
         return values
     arr = (st._uids, st._ulens, st._uslots)[which]
+    if type(values) is _array and values.typecode == _U32_CODE and len(values) >= n:  # from Queue.add_used_batch
+        _memmove(arr, values, 4 * n)
+        return arr
     if len(values) != n:
         values = values[:n]
+    if n >= _ARRAY_MIN:
+        try:
+            _memmove(arr, _array("I", values), 4 * n)
+            return arr
+        except (TypeError, OverflowError, ValueError):
+            pass  # the slice assignment below raises what it always raised
     arr[0:n] = values
     return arr
 
@@ -463,6 +491,25 @@ def gather(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, skip
     if got < 0:  # a piece outside guest memory: let the reference raise its error
         return _pycore.gather(mem, addrs, lens, start, count, skip, n)
     return _unpack(buf, got)  # type: ignore[no-any-return]
+
+
+def gather_into(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, skip: int, dst: Any, n: int) -> int:
+    """:func:`gather` straight into the writable byte memoryview ``dst`` (see
+    _pycore.gather_into); returns the count copied."""
+    if mem._closed:
+        raise _closed()
+    if n <= 0 or not isinstance(addrs, _CData) or not isinstance(lens, _CData):
+        return _pycore.gather_into(mem, addrs, lens, start, count, skip, dst, n)
+    tbl = mem.native_table
+    if tbl is None:
+        tbl = mem_table(mem)
+    out = _from_buffer("char[]", dst, True)  # writable only (positional: faster)
+    if n > len(out):  # never from Reader: let the reference store what fits
+        return _pycore.gather_into(mem, addrs, lens, start, count, skip, dst, n)
+    got = _lib_gather(tbl, addrs, lens, start, count, skip, out, n)
+    if got < 0:  # a piece outside guest memory: let the reference raise its error
+        return _pycore.gather_into(mem, addrs, lens, start, count, skip, dst, n)
+    return got  # type: ignore[no-any-return]
 
 
 def scatter(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, skip: int, data: Any) -> int:

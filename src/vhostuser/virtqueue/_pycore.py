@@ -44,6 +44,7 @@ __all__ = [
     "set_notification",
     "avail_pending",
     "gather",
+    "gather_into",
     "scatter",
 ]
 
@@ -617,6 +618,15 @@ def gather(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, skip
         if n == 0:
             break
     return b"".join(out)
+
+
+def gather_into(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, skip: int, dst: Any, n: int) -> int:
+    """:func:`gather` of ``n`` bytes into ``dst``, a writable bytearray or byte
+    memoryview of at least ``n`` bytes; returns the count copied (short if the
+    buffers end)."""
+    data = gather(mem, addrs, lens, start, count, skip, n)
+    dst[: len(data)] = data
+    return len(data)
 
 
 def scatter(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, skip: int, data: Any) -> int:

@@ -16,6 +16,7 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_new = object.__new__
 
 
 class _Cursor:
@@ -140,10 +141,24 @@ class Reader(_Cursor):
 
     def readinto(self, buf: Any) -> int:
         """Fill ``buf`` as far as possible; returns the byte count."""
-        dst = memoryview(buf).cast("B")
-        data = self.read(dst.nbytes)
-        dst[: len(data)] = data
-        return len(data)
+        if type(buf) is bytearray:
+            dst = buf
+            n = len(buf)
+        else:
+            dst = memoryview(buf).cast("B")
+            if dst.readonly:  # as always: read, then fail to store (TypeError)
+                data = self.read(dst.nbytes)
+                dst[: len(data)] = data
+                return len(data)
+            n = dst.nbytes
+        if n > self._remaining:
+            n = self._remaining
+        if n == 0:
+            return 0
+        # straight from guest memory into buf: one copy
+        got = self._core.gather_into(self.memory, self._addrs, self._lens, self._j, self._end - self._j, self._off, dst, n)
+        self._advance(got)
+        return got  # type: ignore[no-any-return]
 
     def read_obj(self, fmt: str | struct.Struct) -> tuple[Any, ...]:
         """``struct.unpack`` of the next bytes (use a ``<`` format)."""
@@ -196,7 +211,7 @@ class Writer(_Cursor):
 
     def write(self, data: Any) -> int:
         """Write all of ``data``; returns its length."""
-        n = memoryview(data).nbytes
+        n = len(data) if type(data) is bytes else memoryview(data).nbytes
         if n > self._remaining:
             raise ChainTooShort(f"{n} bytes do not fit: the chain has {self._remaining} writable bytes left")
         if n == 0:
@@ -245,28 +260,61 @@ class DescriptorChain:
     Holds the guest memory snapshot it was popped with.  Its buffers were checked
     to lie inside guest memory when it was popped.  Return it with
     ``queue.add_used(chain, bytes_written)``.
+
+    A chain is a view of entry ``_i`` of the core's ``ChainBatch`` ``_b``: its
+    per-chain values are read from the batch when asked for, so popping builds
+    one small object per chain and copies nothing.
     """
 
-    __slots__ = (
-        "memory", "head_index", "desc_count", "readable_len", "writable_len",
-        "_addrs", "_lens", "_start", "_ndesc", "_nread",
-    )  # fmt: skip
+    __slots__ = ("memory", "_b", "_i")
 
     def __init__(self, mem: GuestMemory, batch: Any, i: int) -> None:
-        """View chain ``i`` of a core ``ChainBatch`` (internal; use Queue.pop_*)."""
+        """View chain ``i`` of a core ``ChainBatch`` (internal; use Queue.pop_*).
+        The batch's per-chain and per-descriptor arrays must stay as they are
+        while the chain lives (both cores give each pop its own)."""
         self.memory = mem
-        #: Split: the head descriptor index.  Packed: the buffer id.  Pass either to add_used.
-        self.head_index: int = batch.head[i]
-        #: Ring descriptors the chain occupies (packed: how far the used index advances).
-        self.desc_count: int = batch.slots[i]
-        #: Total bytes of the device-readable / device-writable buffers.
-        self.readable_len: int = batch.read_bytes[i]
-        self.writable_len: int = batch.write_bytes[i]
-        self._addrs = batch.addr
-        self._lens = batch.len
-        self._start: int = batch.desc_start[i]
-        self._ndesc: int = batch.ndesc[i]
-        self._nread: int = batch.nread[i]
+        self._b = batch
+        self._i = i
+
+    @property
+    def head_index(self) -> int:
+        """Split: the head descriptor index.  Packed: the buffer id.  Pass either to add_used."""
+        return self._b.head[self._i]  # type: ignore[no-any-return]
+
+    @property
+    def desc_count(self) -> int:
+        """Ring descriptors the chain occupies (packed: how far the used index advances)."""
+        return self._b.slots[self._i]  # type: ignore[no-any-return]
+
+    @property
+    def readable_len(self) -> int:
+        """Total bytes of the device-readable buffers."""
+        return self._b.read_bytes[self._i]  # type: ignore[no-any-return]
+
+    @property
+    def writable_len(self) -> int:
+        """Total bytes of the device-writable buffers."""
+        return self._b.write_bytes[self._i]  # type: ignore[no-any-return]
+
+    @property
+    def _addrs(self) -> Any:
+        return self._b.addr
+
+    @property
+    def _lens(self) -> Any:
+        return self._b.len
+
+    @property
+    def _start(self) -> int:
+        return self._b.desc_start[self._i]  # type: ignore[no-any-return]
+
+    @property
+    def _ndesc(self) -> int:
+        return self._b.ndesc[self._i]  # type: ignore[no-any-return]
+
+    @property
+    def _nread(self) -> int:
+        return self._b.nread[self._i]  # type: ignore[no-any-return]
 
     @property
     def readable_length(self) -> int:
@@ -295,18 +343,21 @@ class DescriptorChain:
 
     def descriptors(self) -> list[tuple[int, int, bool]]:
         """``[(gpa, len, writable), ...]`` in chain order."""
-        s = self._start
-        return [(self._addrs[s + k], self._lens[s + k], k >= self._nread) for k in range(self._ndesc)]
+        b, i = self._b, self._i
+        s, nread, addrs, lens = b.desc_start[i], b.nread[i], b.addr, b.len
+        return [(addrs[s + k], lens[s + k], k >= nread) for k in range(b.ndesc[i])]
 
     def readable_buffers(self) -> list[tuple[int, int]]:
         """``[(gpa, len), ...]`` of the device-readable buffers."""
-        s = self._start
-        return [(self._addrs[s + k], self._lens[s + k]) for k in range(self._nread)]
+        b, i = self._b, self._i
+        s, addrs, lens = b.desc_start[i], b.addr, b.len
+        return [(addrs[j], lens[j]) for j in range(s, s + b.nread[i])]
 
     def writable_buffers(self) -> list[tuple[int, int]]:
         """``[(gpa, len), ...]`` of the device-writable buffers."""
-        s = self._start
-        return [(self._addrs[s + k], self._lens[s + k]) for k in range(self._nread, self._ndesc)]
+        b, i = self._b, self._i
+        s, addrs, lens = b.desc_start[i], b.addr, b.len
+        return [(addrs[j], lens[j]) for j in range(s + b.nread[i], s + b.ndesc[i])]
 
     def readable_views(self) -> list[memoryview]:
         """memoryviews of all device-readable bytes (zero-copy, e.g. ``os.pwritev``)."""
@@ -318,20 +369,40 @@ class DescriptorChain:
 
     def reader(self) -> Reader:
         """A fresh :class:`Reader` over the device-readable buffers."""
-        return Reader(self.memory, self._addrs, self._lens, self._start, self._nread, self.readable_len)
+        b, i = self._b, self._i
+        r = _new(Reader)
+        r.memory = self.memory
+        r._addrs = b.addr
+        r._lens = b.len
+        r._j = j = b.desc_start[i]
+        r._end = j + b.nread[i]
+        r._off = r._done = 0
+        r._remaining = b.read_bytes[i]
+        r._core = get_core()
+        return r
 
     def writer(self) -> Writer:
         """A fresh :class:`Writer` over the device-writable buffers."""
-        return Writer(
-            self.memory, self._addrs, self._lens, self._start + self._nread, self._ndesc - self._nread, self.writable_len
-        )
+        b, i = self._b, self._i
+        w = _new(Writer)
+        w.memory = self.memory
+        w._addrs = b.addr
+        w._lens = b.len
+        s = b.desc_start[i]
+        w._j = s + b.nread[i]
+        w._end = s + b.ndesc[i]
+        w._off = w._done = 0
+        w._remaining = b.write_bytes[i]
+        w._core = get_core()
+        return w
 
     def _mark_written(self, log: Any, length: int) -> None:
         """Mark the first ``length`` writable bytes dirty in ``log``."""
-        s = self._start
-        for k in range(self._nread, self._ndesc):
+        b, i = self._b, self._i
+        s, addrs, lens = b.desc_start[i], b.addr, b.len
+        for j in range(s + b.nread[i], s + b.ndesc[i]):
             if length <= 0:
                 break
-            n = min(self._lens[s + k], length)
-            log.mark(self._addrs[s + k], n)
+            n = min(lens[j], length)
+            log.mark(addrs[j], n)
             length -= n

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from array import array
+from functools import partial
+from itertools import repeat
 from typing import Any, Union
 
 from ..errors import QueueBroken, QueueError, QueueUsageError
@@ -16,6 +19,12 @@ from .errcodes import BREAKS_QUEUE, ErrorCode, make_error
 __all__ = ["Queue", "UsedEntry"]
 
 log = logging.getLogger(__name__)
+
+_new = object.__new__
+#: lens as a flat u32 array (OverflowError/TypeError for anything but 0..2**32-1)
+_u32s = partial(array, "I")
+_U32_ARRAYS = array("I").itemsize == 4
+_PACKED = int(Layout.PACKED)
 
 #: What ``add_used``/``add_used_batch`` accept to name a buffer: the chain, or
 #: (split only) its head index.
@@ -329,15 +338,30 @@ class Queue:
         if self._resubmit:  # requests in flight before a back-end restart go first
             chains, self._resubmit = self._resubmit[:max_chains], self._resubmit[max_chains:]
             return chains
-        mem = self._memory()
-        size = int(self._st.size)
-        start = (int(self._st.next_avail), int(self._st.avail_wrap))
+        mem = self._mem
+        if mem is None:
+            raise QueueError("virtqueue has no guest memory")
+        st = self._st
+        tracker = self._inflight
+        if tracker is not None:
+            start = (int(st.next_avail), int(st.avail_wrap))
+        size = int(st.size)
         batch = self._core.ChainBatch(max(size, 4 * max_chains) if max_chains > 1 else size)
-        rc = self._core.pop_batch(self._st, mem, max_chains, batch)
-        if rc < 0:
-            self._raise(rc)
-        chains = [DescriptorChain(mem, batch, i) for i in range(rc)]
-        if self._inflight is not None and chains:
+        rc = self._core.pop_batch(st, mem, max_chains, batch)
+        if rc <= 0:
+            if rc < 0:
+                self._raise(rc)
+            return []
+        # One small view object per chain (DescriptorChain reads the batch lazily),
+        # built without a Python-level __init__ call.
+        chains = list(map(_new, repeat(DescriptorChain, rc)))
+        i = 0
+        for c in chains:
+            c.memory = mem
+            c._b = batch
+            c._i = i
+            i += 1
+        if tracker is not None:
             self._record_popped(mem, chains, start)
         return chains
 
@@ -377,6 +401,11 @@ class Queue:
         is written.  With a dirty log, the written bytes of each chain (up to its
         ``len``) are marked.
         """
+        if self._inflight is None and _U32_ARRAYS and (type(entries) is list or type(entries) is tuple):
+            if not entries:
+                return
+            if self._add_used_run(entries):
+                return
         ids: list[int] = []
         lens: list[int] = []
         slots: list[int] = []
@@ -433,6 +462,63 @@ class Queue:
         if rc < 0:
             self._raise(rc)
         tracker.after_used(known)
+
+    def _add_used_run(self, entries: list[Any] | tuple[Any, ...]) -> bool:
+        """add_used_batch's fast path: ``entries`` are ``(chain, len)`` pairs whose
+        chains are consecutive chains of one pop, in pop order (the common case:
+        a batch completed as popped, or one chain).  Their ids and slot counts are
+        handed to the core straight from the batch's arrays.  Returns False,
+        having done nothing, for anything else (the general path then does the
+        work, and raises for misuse exactly as it always did)."""
+        cs: Any
+        lens: Any
+        try:
+            if len(entries) == 1:
+                ((c0, ln),) = entries
+                if type(ln) is not int or not 0 <= ln <= 0xFFFFFFFF or not isinstance(c0, DescriptorChain):
+                    return False
+                cs, lens, n = (c0,), (ln,), 1
+            else:
+                c0 = entries[0][0]
+                if not isinstance(c0, DescriptorChain):
+                    return False
+                b = c0._b
+                i0 = c0._i
+                n = len(entries)
+                # consecutive chains of c0's pop (this also unpacks every pair)
+                if [c._i if c._b is b else -1 for c, _ in entries] != list(range(i0, i0 + n)):
+                    return False
+                # every len an int in 0..2**32-1 (else OverflowError/TypeError), as
+                # a flat u32 array that the C core takes as it is
+                lens = _u32s([ln for _, ln in entries])
+                cs = None
+        except Exception:  # noqa: BLE001 - not (chain, len) pairs: the general path raises
+            return False
+        b = c0._b
+        i0 = c0._i
+        dlog = self._log
+        mem = self._mem
+        if dlog is None and mem is not None:
+            dlog = mem.dirty_log
+        st = self._st
+        st.log = dlog
+        if dlog is not None:
+            if cs is None:
+                cs = [c for c, _ in entries]
+            for c, ln in zip(cs, lens):
+                c._mark_written(dlog, ln)
+        if mem is None:
+            raise QueueError("virtqueue has no guest memory")
+        if i0 == 0:
+            ids, slots = b.head, b.slots
+        else:
+            ids, slots = b.head[i0 : i0 + n], b.slots[i0 : i0 + n]
+        if st.layout != _PACKED:
+            slots = ids  # split: the core ignores slots
+        rc = self._core.add_used_batch(st, mem, ids, lens, slots, n)
+        if rc < 0:
+            self._raise(rc)
+        return True
 
     # ------------------------------------------------------- inflight I/O
     def set_inflight(self, tracker: SplitInflight | PackedInflight | None) -> None:
