@@ -5,7 +5,6 @@ area; the guest's data is intact, in the guest and in the image file."""
 from __future__ import annotations
 
 import hashlib
-import os
 import select
 import shutil
 import signal
