@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.procs import reap
 
 from vhostuser.testing.guest import VhostUserDevice, start_guest
 
@@ -76,8 +77,5 @@ def test_backend_killed_mid_write_then_restarted(short_dir: Path, tmp_path: Path
         assert "resubmitting" in log, "the new back-end did not resubmit from QEMU's inflight area:\n" + log[-3000:]
     finally:
         for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if first.stdout:
-            first.stdout.close()
+            if proc is not None:
+                reap(proc)

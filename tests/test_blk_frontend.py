@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers.procs import vhostuser_process, wait_for_path
 
 from vhostuser.devices.blk.device import BlkBackend
 from vhostuser.devices.blk.engine import DWZ_SEGMENT, OUTHDR, BlkFeature, RequestType, Status, VirtioBlkConfig
@@ -178,21 +178,11 @@ def test_writeback_is_writable_through_set_config(serve_backend, image_path: Pat
 
 
 # ---------------------------------------------------------------- the command
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def test_blk_command_serves_the_image_and_stops_on_sigterm(tmp_path: Path, image_path: Path) -> None:
     sock = tmp_path / "blk.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser", "blk", "--socket-path", str(sock),
-                             "--image", str(image_path), "--num-queues", "2", "--serial", "cli"],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(sock, proc)
+    with vhostuser_process(["blk", "--socket-path", str(sock), "--image", str(image_path), "--num-queues", "2",
+                            "--serial", "cli"], stderr=subprocess.PIPE, text=True) as proc:
+        wait_for_path(sock, proc)
         for round_ in range(2):  # serves again after a disconnect
             with MockFrontend.connect(sock, QEMU_BLK.replace(num_queues=2)) as fe:
                 assert fe.request(1, [hdr(T.OUT, 64 + round_), blob(512, round_)], [1]).data == b"\x00"
@@ -203,12 +193,6 @@ def test_blk_command_serves_the_image_and_stops_on_sigterm(tmp_path: Path, image
         assert second.returncode == 1 and "in use" in second.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
     assert host(image_path, 64 * 512, 1024) == blob(512, 0) + blob(512, 1)
 
 

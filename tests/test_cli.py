@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from helpers.procs import vhostuser_process, wait_for_path
 
 from vhostuser.cli import SUBCOMMANDS
 from vhostuser.frontend import Frontend
@@ -60,20 +60,10 @@ def test_device_needs_a_socket() -> None:
     assert "--socket-path" in out.stderr
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def test_rng_command_serves_again_after_disconnect_and_stops_on_sigterm(tmp_path: Path) -> None:
     sock = tmp_path / "rng.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser", "rng", "--socket-path", str(sock), "-v"],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(sock, proc)
+    with vhostuser_process(["rng", "--socket-path", str(sock), "-v"], stderr=subprocess.PIPE, text=True) as proc:
+        wait_for_path(sock, proc)
         assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
         for _ in range(3):  # serves again after every disconnect
             fe = Frontend.connect(str(sock))
@@ -82,33 +72,20 @@ def test_rng_command_serves_again_after_disconnect_and_stops_on_sigterm(tmp_path
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert not sock.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def test_rng_socket_count_serves_numbered_sockets(tmp_path: Path) -> None:
     base = tmp_path / "rng.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser", "rng", "--socket-path", str(base),
-                             "--socket-count", "2"], stderr=subprocess.PIPE, text=True)
-    try:
+    with vhostuser_process(["rng", "--socket-path", str(base), "--socket-count", "2"],
+                           stderr=subprocess.PIPE, text=True) as proc:
         for i in range(2):
             path = Path(f"{base}{i}")
-            _wait_for(path, proc)
+            wait_for_path(path, proc)
             fe = Frontend.connect(str(path))
             assert fe.get_features()
             fe.close()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 @pytest.mark.parametrize("ring", ["split", "packed"])

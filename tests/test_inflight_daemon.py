@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.procs import reap
 
 from vhostuser.protocol.message import VhostUserProtocolFeatures as PF
 from vhostuser.testing.frontend import FrontendOptions, MockFrontend
@@ -34,14 +35,6 @@ def expect_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 20.0)
             return
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    if proc.stdout:
-        proc.stdout.close()
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_requests_in_flight_when_the_backend_dies_complete_after_restart(tmp_path: Path, packed: bool) -> None:
     sock = tmp_path / "inflight.sock"
@@ -65,6 +58,6 @@ def test_requests_in_flight_when_the_backend_dies_complete_after_restart(tmp_pat
             assert fe.request(0, [b"after"], [8]).data[:5] == b"AFTER"
             assert fe.reap(0) == []
     finally:
-        stop(first)
+        reap(first)
         if second is not None:
-            stop(second)
+            reap(second)
