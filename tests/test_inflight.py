@@ -144,3 +144,31 @@ def test_a_fresh_region_is_initialised_and_a_foreign_one_rejected(packed: bool) 
     assert any(region)  # version and size written
     with pytest.raises(ValueError):
         (PackedInflight if packed else SplitInflight)(memoryview(region), SIZE * 2)
+
+
+def test_a_rejected_completion_leaves_the_region_consistent(mem, packed: bool) -> None:
+    """A batch the ring core refuses (more completions than requests in flight)
+    reaches neither the ring nor, half-done, the inflight region."""
+    from vhostuser.errors import QueueUsageError
+
+    driver = RingDriver.create(mem, SIZE, packed=packed)
+    region = bytearray(queue_region_size(SIZE, packed))
+    q = driver.make_queue()
+    q.set_inflight(tracker(region, packed))
+    requests(driver, 2)
+    chains = q.pop_batch(8)
+    before = bytes(region)
+    with pytest.raises(QueueUsageError):
+        q.add_used_batch([(chains[0], 0), (chains[1], 0), (chains[0], 0)])
+    assert driver.get_used() == []
+    if packed:  # free head and used position as before (split keeps no such state)
+        hdr = PackedInflight.HEADER_SIZE
+        assert bytes(region[:hdr]) == before[:hdr]
+    # after a crash now, both requests are still in flight
+    base = 0 if not packed else (1 << 15) << 16 | 1 << 15
+    assert restarted_queue(driver, bytearray(region), packed, base).resubmit_inflight() == 2
+    # and the queue goes on normally
+    q.add_used_batch([(chains[0], 0), (chains[1], 0)])
+    assert len(driver.get_used()) == 2
+    base = 2 if not packed else (2 | 1 << 15) << 16 | (2 | 1 << 15)
+    assert restarted_queue(driver, region, packed, base).resubmit_inflight() == 0

@@ -738,7 +738,7 @@ class DirtyLog:
 
     def dirty_pages(self) -> list[int]:
         """Page numbers of every set bit (for tests and the mock front-end)."""
-        out = []
+        out: list[int] = []
         data = bytes(self._view)
         for i, b in enumerate(data):
             if b:

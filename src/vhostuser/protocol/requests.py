@@ -85,9 +85,9 @@ class FdRule:
 
 
 def _nofd_bit(payload: Payload) -> tuple[int, int]:
-    value = getattr(payload, "value", None)
+    value: int | None = getattr(payload, "value", None)
     if value is None:
-        value = getattr(payload, "u64", 0)
+        value = int(getattr(payload, "u64", 0))
     n = 0 if value & VRING_NOFD_MASK else 1
     return n, n
 

@@ -200,7 +200,7 @@ def check_vring_base(ctx: CheckContext) -> str:
             ctx.traffic(fe, n)
         q = ctx.profile.queue if ctx.profile is not None else 0
         bases = fe.stop()
-        drv = fe.driver(q)
+        drv: Any = fe.driver(q)  # a SplitDriver or PackedDriver
         if fe.packed:
             want = (drv.next_used | drv.used_wrap << 15)
             want |= want << 16

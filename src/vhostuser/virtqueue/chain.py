@@ -141,6 +141,7 @@ class Reader(_Cursor):
 
     def readinto(self, buf: Any) -> int:
         """Fill ``buf`` as far as possible; returns the byte count."""
+        dst: Any
         if type(buf) is bytearray:
             dst = buf
             n = len(buf)

@@ -37,8 +37,8 @@ _ALIGN = 64
 _SPLIT_HDR = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 _SPLIT_DESC = struct.Struct("<B5xHQ")  # inflight, padding[5], next, counter
 # packed: QueueRegionPacked header, then DescStatePacked[desc_num]
-_PACKED_HDR = struct.Struct("<QHHHHHHBB7x")  # features version desc_num free_head old_free_head
-#                                             used_idx old_used_idx used_wrap old_used_wrap pad[7]
+_PACKED_HDR = struct.Struct("<QHHHHHHBB10x")  # features version desc_num free_head old_free_head
+#   used_idx old_used_idx used_wrap old_used_wrap padding[7] (+3: C aligns desc[] to 8, as in the spec's struct)
 _PACKED_DESC = struct.Struct("<BxHHHQHHIQ")  # inflight pad next last num counter id flags len addr
 
 VIRTQ_DESC_F_NEXT = 1
@@ -155,6 +155,9 @@ class SplitInflight:
 class PackedInflight:
     """The inflight region of one packed virtqueue (free list of saved descriptors)."""
 
+    #: bytes of the region header (``QueueRegionPacked`` before ``desc[]``)
+    HEADER_SIZE = _PACKED_HDR.size
+
     def __init__(self, view: memoryview, queue_size: int) -> None:
         if len(view) < queue_region_size(queue_size, True):
             raise ValueError(f"inflight region of {len(view)} bytes is too small for {queue_size} entries")
@@ -224,6 +227,12 @@ class PackedInflight:
             free_head = e
         h[3] = free_head
         h[5], h[7] = used_idx, used_wrap
+        self._put_header(h)
+
+    def rollback(self) -> None:
+        """Forget a batch prepared by :meth:`before_used` that was not published."""
+        h = self._header()
+        h[3], h[5], h[7] = h[4], h[6], h[8]
         self._put_header(h)
 
     def after_used(self, entries: Sequence[int]) -> None:

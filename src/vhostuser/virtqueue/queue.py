@@ -450,16 +450,18 @@ class Queue:
                 self._raise(rc)
             tracker.after_used(ids, int(self._st.next_used))
             return
-        entries = [self._inflight_entries.pop(i, -1) for i in ids]
+        region_entries = {i: self._inflight_entries.pop(i) for i in ids if i in self._inflight_entries}
         pos, wrap = int(self._st.next_used), int(self._st.used_wrap)
         for s_ in slots:
             pos += s_
             if pos >= self.size:
                 pos, wrap = pos - self.size, wrap ^ 1
-        known = [e for e in entries if e >= 0]
+        known = list(region_entries.values())
         tracker.before_used(known, slots, pos, wrap)
         rc = self._core.add_used_batch(self._st, self._memory(), ids, lens, slots, len(ids))
-        if rc < 0:
+        if rc < 0:  # nothing reached the ring: undo the region's half-done batch
+            tracker.rollback()
+            self._inflight_entries.update(region_entries)
             self._raise(rc)
         tracker.after_used(known)
 

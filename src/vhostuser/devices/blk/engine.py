@@ -133,8 +133,10 @@ class VirtioBlkConfig:
 class ChainLike(Protocol):
     """What the engine needs of a request (a :class:`~vhostuser.virtqueue.DescriptorChain`)."""
 
-    readable_len: int
-    writable_len: int
+    @property
+    def readable_len(self) -> int: ...
+    @property
+    def writable_len(self) -> int: ...
 
     def reader(self) -> Any: ...
 

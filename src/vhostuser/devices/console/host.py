@@ -22,6 +22,7 @@ import os
 import socket
 import stat
 import termios
+from typing import Any
 from collections.abc import Callable
 
 from ...errors import ConsoleConfigError
@@ -217,9 +218,9 @@ class StdioHost(HostEndpoint):
         self.in_open = self.out_open = False
 
 
-def _raw_mode(attrs: list) -> list:
+def _raw_mode(attrs: list[Any]) -> list[Any]:
     """``cfmakeraw`` on a copy of tcgetattr's list."""
-    new = [list(a) if isinstance(a, list) else a for a in attrs]
+    new: list[Any] = [list(a) if isinstance(a, list) else a for a in attrs]
     iflag, oflag, cflag, lflag = 0, 1, 2, 3
     new[iflag] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
                     | termios.IGNCR | termios.ICRNL | termios.IXON)
