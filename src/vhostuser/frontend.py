@@ -470,6 +470,7 @@ class BackendChannelServer:
             return None
         spec = BACKEND_REQUESTS[msg.request]  # type: ignore[index]
         self._fds = list(msg.fds)
+        result: tuple[Payload | None, Sequence[int]] | None
         try:
             result = self._calls[msg.request](msg)  # type: ignore[index]
         except Exception as exc:  # noqa: BLE001 - a failing request must not kill the channel

@@ -13,10 +13,15 @@ from .. import _impl
 
 __all__ = ["get_core"]
 
+_CORE: ModuleType
 if _impl.IMPL == "native":
-    from . import _nativecore as _CORE
+    from . import _nativecore
+
+    _CORE = _nativecore
 else:
-    from . import _pycore as _CORE
+    from . import _pycore
+
+    _CORE = _pycore
 
 
 def get_core() -> ModuleType:
