@@ -52,19 +52,23 @@ class VhostUserDaemon:
         self._thread: threading.Thread | None = None
         self._listener: Listener | None = None
         self._endpoint: Endpoint | None = None
+        #: the socket path given to start_server / start_client (None for start_fd)
+        self.socket_path: str | None = None
         #: number of front-end connections served so far
         self.connections = 0
-        #: set while a front-end is connected
+        #: set while a front-end is connected (cleared once its session is cleaned up)
         self.connected = threading.Event()
 
     # ------------------------------------------------------------ public API
     def start_server(self, socket_path: str, *, mode: int = 0o600) -> None:
         """Listen on ``socket_path`` and serve front-ends one after another."""
         self._start(self._serve_listener, Listener(socket_path, mode=mode))
+        self.socket_path = socket_path
 
     def start_client(self, socket_path: str, *, max_backoff: float = 2.0) -> None:
         """Connect to a listening front-end, reconnecting with back-off."""
         self._start(self._serve_client, socket_path, max_backoff)
+        self.socket_path = socket_path
 
     def start_fd(self, fd: int) -> None:
         """Serve an inherited socket: listening (many front-ends) or connected (one)."""
@@ -190,6 +194,6 @@ class VhostUserDaemon:
             self._poller.unregister(fd)
             endpoint.close()
             self._endpoint = None
-            self.connected.clear()
             self.handler.disconnected()
+            self.connected.clear()  # after the clean-up: every fd of the session is closed
 
