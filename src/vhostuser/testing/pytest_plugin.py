@@ -140,17 +140,16 @@ def vhost_frontend_options() -> FrontendOptions:
 @pytest.fixture
 def vhost_daemon(serve_backend: BackendServer, vhost_backend: VhostUserBackend) -> VhostUserDaemon:
     """The daemon serving ``vhost_backend`` (its socket: ``vhost_daemon.socket_path``)."""
-    path = serve_backend(vhost_backend)
-    daemon = serve_backend.daemon_of(vhost_backend)
-    daemon.socket_path = path  # type: ignore[attr-defined]
-    return daemon
+    serve_backend(vhost_backend)
+    return serve_backend.daemon_of(vhost_backend)
 
 
 @pytest.fixture
 def vhost_frontend(vhost_daemon: VhostUserDaemon,
                    vhost_frontend_options: FrontendOptions) -> Iterator[MockFrontend]:
     """A :class:`MockFrontend` connected to ``vhost_backend``, rings started."""
-    with MockFrontend.connect(vhost_daemon.socket_path, vhost_frontend_options) as fe:  # type: ignore[attr-defined]
+    assert vhost_daemon.socket_path is not None
+    with MockFrontend.connect(vhost_daemon.socket_path, vhost_frontend_options) as fe:
         yield fe
 
 
