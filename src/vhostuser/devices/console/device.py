@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 from ...backend import FIRST_DEVICE_TOKEN, VhostUserBackend
 from ...errors import ConsoleConfigError, ConsoleControlError, DeviceError, QueueError
 from ...sys_util.event import new_event_consumer_and_notifier
+from ...virtqueue import DescriptorChain
 from ...vring import VringState
 from .control import (
     CONFIG_SIZE,
@@ -108,6 +109,13 @@ class Port:
         self.rx_starved = False
         self.tx_paused = False
         self.added = self.ready = self.guest_open = False
+
+
+def _complete(vring: VringState, used: list[tuple[DescriptorChain, int]]) -> None:
+    """Return a batch of chains to the guest (unless the ring has failed meanwhile)."""
+    if used and vring.failed is None:
+        vring.add_used_batch(used)
+        vring.signal_used_queue()
 
 
 class _FdWatch:
@@ -383,7 +391,7 @@ class ConsoleBackend(VhostUserBackend):
         if vring is None or not self._guest_accepts(port):
             return
         host = port.host
-        used: list[tuple[object, int]] = []
+        used: list[tuple[DescriptorChain, int]] = []
         reads = 0
         try:
             while True:
@@ -417,9 +425,7 @@ class ConsoleBackend(VhostUserBackend):
             vring.fail(exc)
             return
         finally:
-            if used and vring.failed is None:
-                vring.add_used_batch(used)  # type: ignore[arg-type]
-                vring.signal_used_queue()
+            _complete(vring, used)
 
     # ------------------------------------------------------ guest -> host
     def _queue_output(self, port: Port, data: bytes) -> None:
@@ -465,7 +471,7 @@ class ConsoleBackend(VhostUserBackend):
                 return  # the host drains the buffer first (we watch it for writability)
             port.tx_paused = False
             log.debug("console port %d: transmitq resumed", port.index)
-        used: list[tuple[object, int]] = []
+        used: list[tuple[DescriptorChain, int]] = []
         try:
             while True:
                 if len(port.outbuf) >= self.out_high and host.writable:
@@ -486,16 +492,13 @@ class ConsoleBackend(VhostUserBackend):
                 self._queue_output(port, data)
                 used.append((chain, 0))
                 if len(used) >= _TX_BATCH:
-                    vring.add_used_batch(used)  # type: ignore[arg-type]
-                    vring.signal_used_queue()
+                    _complete(vring, used)
                     used = []
         except QueueError as exc:
             vring.fail(exc)
             return
         finally:
-            if used and vring.failed is None:
-                vring.add_used_batch(used)  # type: ignore[arg-type]
-                vring.signal_used_queue()
+            _complete(vring, used)
         self._flush_out(port)
 
     # ------------------------------------------------------ host connections
@@ -524,7 +527,7 @@ class ConsoleBackend(VhostUserBackend):
         vring = self._running(CONTROL_RX_QUEUE)
         if vring is None or not self.multiport_acked:
             return
-        used: list[tuple[object, int]] = []
+        used: list[tuple[DescriptorChain, int]] = []
         try:
             while self._ctrl_out:
                 chain = vring.pop_descriptor_chain()
@@ -543,15 +546,13 @@ class ConsoleBackend(VhostUserBackend):
             vring.fail(exc)
             return
         finally:
-            if used and vring.failed is None:
-                vring.add_used_batch(used)  # type: ignore[arg-type]
-                vring.signal_used_queue()
+            _complete(vring, used)
 
     def _process_ctrl_tx(self) -> None:
         vring = self._running(CONTROL_TX_QUEUE)
         if vring is None:
             return
-        used: list[tuple[object, int]] = []
+        used: list[tuple[DescriptorChain, int]] = []
         msgs: list[ControlMessage] = []
         try:
             while True:
@@ -570,9 +571,7 @@ class ConsoleBackend(VhostUserBackend):
         except QueueError as exc:
             vring.fail(exc)
         finally:
-            if used and vring.failed is None:
-                vring.add_used_batch(used)  # type: ignore[arg-type]
-                vring.signal_used_queue()
+            _complete(vring, used)
         for msg in msgs:
             self._handle_control(msg)
 
