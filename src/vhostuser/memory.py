@@ -93,6 +93,17 @@ def _buffer_address(obj: Any) -> int:
         del c  # drop the buffer export at once so the mmap can be closed later
 
 
+def _unmap(view: memoryview, mapping: mmap.mmap | None, what: str) -> None:
+    """Release our view and unmap; a mapping a device still has views into is
+    unmapped by the interpreter when the last of them goes (logged)."""
+    view.release()
+    if mapping is not None:
+        try:
+            mapping.close()
+        except BufferError:
+            log.warning("%s: views of it are still alive; unmapping when they are released", what)
+
+
 class MemoryRegion:
     """One contiguous range of guest physical memory mapped into this process.
 
@@ -280,13 +291,8 @@ class MemoryRegion:
             if self._closed:
                 return
             self._closed = True
-        self._view.release()
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                log.warning("%r: views of guest memory are still alive; unmapping when they are released", self)
-            self._mmap = None
+        _unmap(self._view, self._mmap, repr(self))
+        self._mmap = None
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
@@ -755,13 +761,8 @@ class DirtyLog:
         if self._closed:
             return
         self._closed = True
-        self._view.release()
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                log.warning("dirty log views still alive; unmapping when released")
-            self._mmap = None
+        _unmap(self._view, self._mmap, "dirty log")
+        self._mmap = None
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)

@@ -351,9 +351,13 @@ class MockFrontend:
         ``timeout`` if the socket is not there yet), do the handshake and, with
         ``start``, start every ring."""
         self = cls(options, **overrides)
+        self.socket_path = path = os.fspath(socket_path)
+        return self._bring_up(lambda: self._connect_endpoint(path, timeout), start)
+
+    def _bring_up(self, endpoint: Callable[[], Endpoint], start: bool) -> MockFrontend:
+        """Attach the endpoint, handshake, start the rings; closes everything on failure."""
         try:
-            self.socket_path = os.fspath(socket_path)
-            self._attach(self._connect_endpoint(self.socket_path, timeout))
+            self._attach(endpoint())
             self.handshake()
             if start:
                 self.start()
@@ -368,16 +372,7 @@ class MockFrontend:
         """Drive a back-end over an already-connected socket (taken over, e.g. one
         end of a socketpair whose other end the back-end got with ``--fd``).
         :meth:`reconnect` is not possible."""
-        self = cls(options, **overrides)
-        try:
-            self._attach(Endpoint(sock, FrontendReq, replies=True))
-            self.handshake()
-            if start:
-                self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        return cls(options, **overrides)._bring_up(lambda: Endpoint(sock, FrontendReq, replies=True), start)
 
     @classmethod
     def listen(cls, socket_path: str | os.PathLike[str], options: FrontendOptions | None = None,
