@@ -303,9 +303,10 @@ class MigratingGuest:
         self.vms.append(vm)
         return vm
 
-    def start(self, devices: Sequence[VhostUserDevice | str] = ()) -> VM:
-        """Boot the first QEMU (running)."""
-        return self._launch(devices, incoming=False, paused=False)
+    def start(self, devices: Sequence[VhostUserDevice | str] = (), *, paused: bool = False) -> VM:
+        """Boot the first QEMU (running, or stopped before the first instruction
+        with ``paused``)."""
+        return self._launch(devices, incoming=False, paused=paused)
 
     def incoming(self, devices: Sequence[VhostUserDevice | str] = (), *, paused: bool = True) -> VM:
         """Start a destination QEMU listening on a UNIX socket (``-incoming``);
