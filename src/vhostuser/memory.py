@@ -765,6 +765,7 @@ class DirtyLog:
         if self._closed:
             return
         self._closed = True
+        log.info("dirty log of %d bytes closed: %d pages marked", self.size, self.pages_marked)
         _unmap(self._view, self._mmap, "dirty log")
         self._mmap = None
         if self.fd is not None:

@@ -547,6 +547,13 @@ class Queue:
             slots = len(pending)
             self.set_next_avail((used_idx + slots) & 0xFFFF)
             st.next_used = used_idx
+        elif tracker.fresh:
+            # A new area (no back-end ran before it): nothing to resubmit, and the
+            # ring position is SET_VRING_BASE's - e.g. 0x80008000 at boot, the
+            # source's position on a migration destination.  Record it.
+            tracker.start_at(int(st.next_used), int(st.used_wrap))
+            pending = []
+            slots = 0
         else:
             desc = int(self.desc_table)
             pending = tracker.recover(lambda i: mem.read_u16(desc + 16 * i + 14))
