@@ -126,7 +126,6 @@ def finish(mg: MigratingGuest, rig: Rig, vm: VM) -> WorkloadReport:
 
 @pytest.mark.parametrize("layout", [
     pytest.param("split", marks=pytest.mark.impl_pass("native")),
-    pytest.param("packed", marks=pytest.mark.impl_pass("native"), id="packedN"),
     pytest.param("packed", marks=pytest.mark.impl_pass("python")),
 ])
 def test_migrated_ram_is_identical_and_the_guest_verifies_its_buffers(rig: Rig, layout: str) -> None:
