@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import shutil
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
