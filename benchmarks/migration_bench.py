@@ -15,17 +15,18 @@ Measures (numbers are printed, never asserted):
 2. ``--negative N`` the same with ``VHOSTUSER_TEST_SKIP_DATA_LOG=1`` on the source
    (data pages not logged): how often the RAM comparison and the guest's check
    catch it (the negative control's detection rate).
-3. the back-end's logging overhead on I/O throughput: the echo device (a
-   subprocess) under the mock front-end, requests with 4 KiB written into guest
-   RAM each, dirty logging off vs on (LOG_ALL + SET_LOG_BASE as QEMU does),
-   alternated, best of each.
+3. the back-end's logging overhead on its I/O path: chains/s through
+   ``Queue.pop_batch`` + ``add_used_batch`` (what every device's completions go
+   through) with 64 bytes written per chain, without a dirty log and with one
+   (buffers and ring writes logged), C core and Python core, in one process
+   (ring_bench.py's ring and timing).  Per chain the log costs the same whatever
+   its size up to a page; bigger requests mark more pages in one call.
 
 The back-ends use whatever VHOSTUSER_IMPL says (C core by default).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -37,13 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from vhostuser._impl import IMPL
+from vhostuser.memory import DirtyLog, GuestMemory
 from vhostuser.testing.blk_workload import BlkWorkload, WorkloadReport, is_read_block
-from vhostuser.testing.frontend import FrontendOptions, MockFrontend, run_load
 from vhostuser.testing.guest import VhostUserDevice
 from vhostuser.testing.migration import MigratingGuest, MigrationParams, compare_ram, ram_dumps
 from vhostuser.virtqueue.chain import SKIP_DATA_LOG_ENV
+from vhostuser.virtqueue.defs import VIRTQ_DESC_F_WRITE
 
 WORKLOAD = BlkWorkload()
+#: bytes a chain reports written in the overhead test (64 B buffers: one page each)
+LOGGED_BYTES = 64
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[Any]) -> None:
@@ -107,36 +111,57 @@ def migrate_once(negative: bool) -> dict[str, Any]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def logging_overhead(seconds: float, rounds: int = 3) -> tuple[float, float]:
-    """Best requests/s without and with dirty logging (echo device, 4 KiB written each)."""
-    d = Path(tempfile.mkdtemp(prefix="vhu-migo-"))
-    sock = d / "echo.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.testing.echo", "--socket-path", str(sock)],
-                            stderr=subprocess.DEVNULL)
-    best = {False: 0.0, True: 0.0}
-    try:
-        _wait_for(sock, proc)
+def logging_overhead(seconds: float, written: int) -> list[tuple[str, float, float]]:
+    """Chains/s through ``Queue.pop_batch`` + ``add_used_batch`` with ``written``
+    bytes reported written per chain, without and with a dirty log (and ring
+    logging, ``set_used_log``), for each core that is available.  The ring and
+    the timing are ring_bench.py's (split, 1 descriptor a chain)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ring_bench as rb  # noqa: PLC0415
+
+    out = []
+    for name, core in (("native", rb._nativecore), ("python", rb._pycore)):
+        if core is None:
+            continue
+        rates = []
         for logging_on in (False, True):
-            with MockFrontend.connect(str(sock), FrontendOptions(queue_size=256)) as fe:
-                if logging_on:
-                    fe.enable_dirty_log()
-                run_load(fe, count=256, readable=4096, writable=4096, batch=32)  # warm up
-                for _ in range(rounds):
-                    n, t0 = 0, time.perf_counter()
-                    while time.perf_counter() - t0 < seconds / rounds:
-                        n += run_load(fe, count=512, readable=4096, writable=4096, batch=32).requests
-                    best[logging_on] = max(best[logging_on], n / (time.perf_counter() - t0))
-    finally:
-        _stop(proc)
-        shutil.rmtree(d, ignore_errors=True)
-    return best[False], best[True]
+            mem = GuestMemory.anonymous([(0, rb.MEM_SIZE)])
+            dlog = DirtyLog.for_memory(mem) if logging_on else None
+            try:
+                ring = rb.Ring(mem, False, 1)
+                for i in range(rb.SIZE):  # make every buffer device-writable
+                    mem.write_u16(ring.desc + 16 * i + 12, VIRTQ_DESC_F_WRITE)
+                q = rb._queue_for(core, ring)
+                if dlog is not None:
+                    q.set_dirty_log(dlog)
+                    q.set_used_log(ring.device)
+                clock = time.perf_counter
+
+                def step(q: Any = q, ring: Any = ring) -> tuple[int, float]:
+                    t0 = clock()
+                    chains = q.pop_batch(rb.BATCH)
+                    q.add_used_batch([(c, written) for c in chains])
+                    dt = clock() - t0
+                    ring.refill(len(chains))
+                    return len(chains), dt
+
+                rates.append(rb._timed(seconds, step))
+                if dlog is not None:
+                    assert len(dlog.dirty_pages()) > 1, "no buffer page was logged"
+                q.set_ready(False)
+            finally:
+                if dlog is not None:
+                    dlog.close()
+                mem.close()
+        out.append((name, rates[0], rates[1]))
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=2, help="migrations with correct logging (default 2)")
     p.add_argument("--negative", type=int, default=3, help="negative-control migrations (default 3)")
-    p.add_argument("--overhead-seconds", type=float, default=6.0, help="per side of the overhead test")
+    p.add_argument("--overhead-seconds", type=float, default=3.0, help="per measurement of the overhead test")
     args = p.parse_args()
     print(f"implementation: {IMPL}; workload: {WORKLOAD}")
     cols = ("time_ms", "downtime_ms", "syncs", "sent_mb", "pages_logged", "differing", "backend_written",
@@ -153,11 +178,11 @@ def main() -> int:
             caught += bool(r["differing"]) or not r["guest_ok"]
         if negative:
             print(f"negative control caught in {caught}/{n} runs")
-    with contextlib.suppress(KeyboardInterrupt):
-        off, on = logging_overhead(args.overhead_seconds)
-        print(f"\n== logging overhead (echo device, 4 KiB written per request, mock front-end)\n"
-              f"  logging off: {off:10.0f} req/s\n  logging on:  {on:10.0f} req/s\n"
-              f"  on/off ratio: {on / off:.3f}")
+    print("\n== logging overhead on the completion path (Queue.pop_batch + add_used_batch, split ring,"
+          f" {LOGGED_BYTES} bytes written per chain)")
+    print(f"{'core':8} {'no log chains/s':>16} {'logging chains/s':>17} {'ratio':>6}")
+    for name, off, on in logging_overhead(args.overhead_seconds, LOGGED_BYTES):
+        print(f"{name:8} {off:16,.0f} {on:17,.0f} {on / off:6.2f}")
     return 0
 
 
