@@ -357,7 +357,7 @@ def log_written(log: Any, batch: ChainBatch, first: int, count: int, lens: Any) 
     C call for the whole run of chains, atomic ORs, under the log's lock."""
     cptr = log._cptr
     if _lib_log_written is None or cptr is None:
-        _pycore.log_written(log, batch, first, count, lens)
+        _pycore.log_written(log, batch, first, count, lens)  # type: ignore[arg-type]  # same attributes
         return
     used = ffi.from_buffer("uint32_t[]", lens) if type(lens) is _array else ffi.new("uint32_t[]", list(lens))
     with log._lock:
