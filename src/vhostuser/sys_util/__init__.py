@@ -25,6 +25,7 @@ from .event import (
 from .poll import (
     AVAILABLE_SELECTOR_KINDS,
     DEFAULT_SELECTOR_KIND,
+    EVENT_ERROR,
     EVENT_READ,
     EVENT_WRITE,
     Poller,
@@ -64,6 +65,7 @@ __all__ = [
     "new_event_consumer_and_notifier",
     "AVAILABLE_SELECTOR_KINDS",
     "DEFAULT_SELECTOR_KIND",
+    "EVENT_ERROR",
     "EVENT_READ",
     "EVENT_WRITE",
     "Poller",
