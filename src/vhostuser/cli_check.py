@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--packed", action="store_true", help="use packed rings (the back-end must offer them)")
 
 
-def _start(cmd: str, socket_path: str, timeout: float) -> subprocess.Popen[bytes]:
+def start_backend(cmd: str, socket_path: str, timeout: float) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` ({socket} replaced by ``socket_path``) in its own session; wait for the socket."""
     argv = [a.replace("{socket}", socket_path) for a in shlex.split(cmd)]
     log.info("starting %s", argv)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -56,13 +57,14 @@ def _start(cmd: str, socket_path: str, timeout: float) -> subprocess.Popen[bytes
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise RuntimeError(f"the back-end exited with status {proc.returncode}: {err.strip()}")
         if time.monotonic() > deadline:
-            _stop(proc)
+            stop_backend(proc)
             raise RuntimeError(f"the back-end did not create {socket_path} within {timeout}s")
         time.sleep(0.02)  # another process creating its socket: nothing to poll on
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_backend(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate (then kill) the process group started by :func:`start_backend`."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             tmpdir = tempfile.mkdtemp(prefix="vhu-check-")
             socket_path = os.path.join(tmpdir, "backend.sock")
             try:
-                proc = _start(args.exec_cmd, socket_path, max(args.timeout, 10.0))
+                proc = start_backend(args.exec_cmd, socket_path, max(args.timeout, 10.0))
             except (OSError, RuntimeError) as exc:
                 print(f"vhostuser check: {exc}", file=sys.stderr)
                 return 2
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                              only=only, progress=progress)
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_backend(proc)
         if tmpdir is not None:
             for name in os.listdir(tmpdir):
                 os.unlink(os.path.join(tmpdir, name))
