@@ -3,6 +3,7 @@ decoded, replies matched, the back-end channel relayed), its JSON Lines output,
 the spec checks (one test double per rule) and fd hygiene over many sessions."""
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -334,6 +335,7 @@ def test_no_fd_leak_over_200_sessions(rng_daemon: str, traced: Callable[..., Tra
     t = traced(rng_daemon, check=True)
     MockFrontend.connect(t.front, QEMU_RNG).close()  # the daemon's lazily made fds exist before counting
     t.wait_closed(1)
+    gc.collect()  # fds of objects earlier tests dropped must not close during the count
     with check_no_fd_leak():
         for k in range(200):
             fe = MockFrontend.connect(t.front, QEMU_RNG, start=(k % 10 == 0))
@@ -380,6 +382,7 @@ def test_cli_traces_an_exec_backend_as_json(sock_dir: Path) -> None:
             time.sleep(0.05)
         with MockFrontend.connect(front, QEMU_RNG) as fe:
             assert fe.request(0, [], [32]).length == 32
+            fe.stop()
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
