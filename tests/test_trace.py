@@ -89,11 +89,15 @@ def traced(sock_dir: Path) -> Iterator[Callable[..., Traced]]:
 
 
 @pytest.fixture
-def rng_daemon(sock_dir: Path) -> Iterator[str]:
-    path = str(sock_dir / "rng.sock")
+def rng_server(sock_dir: Path) -> Iterator[VhostUserDaemon]:
     with VhostUserDaemon("rng", RngBackend()) as daemon:
-        daemon.start_server(path)
-        yield path
+        daemon.start_server(str(sock_dir / "rng.sock"))
+        yield daemon
+
+
+@pytest.fixture
+def rng_daemon(rng_server: VhostUserDaemon) -> str:
+    return str(rng_server.socket_path)
 
 
 # ------------------------------------------------------------------ relay
@@ -331,8 +335,8 @@ def test_check_flags_a_broken_backend(case: str, sock_dir: Path, traced: Callabl
 
 
 # --------------------------------------------------------------- fd hygiene
-def test_no_fd_leak_over_200_sessions(rng_daemon: str, traced: Callable[..., Traced]) -> None:
-    t = traced(rng_daemon, check=True)
+def test_no_fd_leak_over_200_sessions(rng_server: VhostUserDaemon, traced: Callable[..., Traced]) -> None:
+    t = traced(str(rng_server.socket_path), check=True)
     MockFrontend.connect(t.front, QEMU_RNG).close()  # the daemon's lazily made fds exist before counting
     t.wait_closed(1)
     gc.collect()  # fds of objects earlier tests dropped must not close during the count
@@ -341,6 +345,10 @@ def test_no_fd_leak_over_200_sessions(rng_daemon: str, traced: Callable[..., Tra
             fe = MockFrontend.connect(t.front, QEMU_RNG, start=(k % 10 == 0))
             fe.close()
         t.wait_closed(201, timeout=120)
+        deadline = time.monotonic() + 10
+        while rng_server.connected.is_set():  # the daemon's own clean-up of the last session
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     t.proxy.stop()
     assert not [e for e in t.events if e.kind == "error"]
     assert sum(1 for e in t.events if e.kind == "summary") == 201

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class RingInfo:
     stopped_base: int | None = None
     #: used->idx read when the back-end answered GET_VRING_BASE (split rings, memory mapped)
     used_at_stop: int | None = None
+    #: when the back-end answered GET_VRING_BASE (time.monotonic())
+    stop_t: float = 0.0
     starts: int = 0
 
     def summary(self) -> dict[str, Any]:
@@ -225,6 +228,7 @@ class SessionState:
                 ring.started = False
                 ring.stopped_base = p.num
                 ring.used_at_stop = self.used_idx(ring)
+                ring.stop_t = time.monotonic()
                 return
         if msg.spec.reply is Reply.ACK and isinstance(p, U64) and p.value != 0:
             self.nacks.append(f"{req.name}={p.value:#x}")
