@@ -178,6 +178,7 @@ class TraceProxy:
         self._active: dict[int, _Session] = {}
         self._ended = 0
         self._stop = threading.Event()
+        self._drop = threading.Event()
         self._thread: threading.Thread | None = None
         self._deferred: list[TraceEvent] = []
         #: findings of severity ``error`` so far (``--check``)
@@ -205,6 +206,12 @@ class TraceProxy:
                     handler = self._tokens.get(token)
                     if handler is not None:
                         handler()
+                if self._drop.is_set():
+                    self._drop.clear()
+                    for s in list(self._active.values()):
+                        self._emit(TraceEvent("close", text="the tracer closes the session (back-end closing "
+                                              "mid-session)"), s.state)
+                        self._close_session(s)
                 if self.options.max_sessions is not None and self._ended >= self.options.max_sessions:
                     break
         finally:
@@ -227,6 +234,12 @@ class TraceProxy:
                     pass
             self._thread.join(timeout)
             self._thread = None
+
+    def drop_sessions(self) -> None:
+        """Close every open session at once, as a back-end that goes away would (thread-safe)."""
+        self._drop.set()
+        if not self._poller.closed:
+            self._poller.wake()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the serving thread to end (``max_sessions``); True if it did."""
