@@ -26,7 +26,6 @@ from vhostuser.protocol import (
     U64,
     MemoryRegion,
     MemoryTable,
-    SingleMemoryRegion,
     VringAddr,
     VringState,
 )
