@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import MessageFramingError, RemoteProtocolError
 from ..protocol.codec import EOF, NEED_DATA, Decoder, Header, Message, close_fds
@@ -30,6 +31,7 @@ from ..protocol.payloads import U64
 from ..protocol.requests import Reply
 from ..sys_util import MAX_FDS, FdInfo, Poller, describe_fd, recv_with_fds, send_with_fds
 from .events import TraceEvent, feature_names, flag_names, payload_fields, protocol_feature_names
+from .rings import RingView
 from .rules import Finding, SpecChecker
 from .session import Pending, SessionState
 
@@ -42,6 +44,7 @@ _MAX_FRAME = 1 << 20
 _RECV_SIZE = 65536
 _FEATURE_REQS = {FrontendReq.GET_FEATURES, FrontendReq.SET_FEATURES}
 _PROTOCOL_REQS = {FrontendReq.GET_PROTOCOL_FEATURES, FrontendReq.SET_PROTOCOL_FEATURES}
+_NOTIFY_REQS = {FrontendReq.SET_VRING_KICK, FrontendReq.SET_VRING_CALL}
 
 
 @dataclass
@@ -58,6 +61,8 @@ class TraceOptions:
     max_sessions: int | None = None
     #: map the guest memory the front-end shares (needed by the ring checks)
     map_memory: bool = False
+    #: interpose kick/call fds and report ring activity (:mod:`.rings`)
+    rings: bool = False
 
 
 @dataclass
@@ -153,6 +158,7 @@ class _Session:
     directions: list[_Direction] = field(default_factory=list)
     channel_socks: list[socket.socket] = field(default_factory=list)
     closed: bool = False
+    rings: RingView | None = None
 
 
 class TraceProxy:
@@ -315,7 +321,7 @@ class TraceProxy:
             return
         number = len(self.sessions) + 1
         state = SessionState(number, time.monotonic(), device=self.options.device,
-                             map_memory=self.options.map_memory or self.options.check)
+                             map_memory=self.options.map_memory or self.options.check or self.options.rings)
         self.sessions.append(state)
         self._emit(TraceEvent("connect", text="front-end connected"), state)
         try:
@@ -328,6 +334,8 @@ class TraceProxy:
             return
         self._emit(TraceEvent("connect", text="connected to the back-end"), state)
         s = _Session(state, front, back)
+        if self.options.rings:
+            s.rings = RingView(state, lambda ev: self._emit(ev, state), self._register, self._unregister)
         self._active[number] = s
         self._add_direction(s, "main", "F->B", front, back, Decoder(FrontendReq))
         self._add_direction(s, "main", "B->F", back, front, Decoder(FrontendReq, replies=True))
@@ -388,6 +396,9 @@ class TraceProxy:
             d.close()
         for sock in (s.front, s.back, *s.channel_socks):
             sock.close()
+        if s.rings is not None:
+            st.ring_notifications = s.rings.stats()
+            s.rings.close()
         st.ended = time.monotonic()
         if self._checker is not None:
             self._checker.end(st)
@@ -423,7 +434,7 @@ class TraceProxy:
             ev.request = _request_name(d.decoder, header.request)
         msg = self._decode(d, raw, fds, ev) if header is not None and not d.raw else None
         forward = fds
-        substitute: list[socket.socket] = []
+        substitute: list[Any] = []
         try:
             if msg is not None:
                 forward = self._observe(d, msg, ev, info, fds, substitute)
@@ -462,7 +473,7 @@ class TraceProxy:
             self._checker.decode_error(st, who, text, self._seq + 1)
 
     def _observe(self, d: _Direction, msg: Message, ev: TraceEvent, info: list[FdInfo], fds: list[int],
-                 substitute: list[socket.socket]) -> list[int]:
+                 substitute: list[Any]) -> list[int]:
         """Record a decoded message; returns the fds to forward."""
         s = d.session
         st = s.state
@@ -479,6 +490,10 @@ class TraceProxy:
                 st.apply_request(msg, now, info)
                 if msg.request is FrontendReq.SET_BACKEND_REQ_FD and len(fds) == 1:
                     forward = self._interpose_channel(s, fds[0], substitute)
+                elif s.rings is not None and msg.request in _NOTIFY_REQS and len(fds) == 1 \
+                        and isinstance(msg.payload, U64):
+                    forward = self._interpose_notifier(s.rings, msg.request, msg.payload.value & 0xFF, fds[0],
+                                                       substitute)
             else:
                 st.counts[f"backend:{msg.request.name}"] += 1
             may, must = st.expects_reply(msg)
@@ -501,7 +516,7 @@ class TraceProxy:
             st.nacks.append(f"backend:{msg.request.name}={msg.payload.value:#x}")  # type: ignore[attr-defined]
         return forward
 
-    def _interpose_channel(self, s: _Session, front_chan_fd: int, substitute: list[socket.socket]) -> list[int]:
+    def _interpose_channel(self, s: _Session, front_chan_fd: int, substitute: list[Any]) -> list[int]:
         """Relay the back-end channel: the back-end gets our socketpair end instead of the front-end's socket."""
         for sock in s.channel_socks:
             sock.close()
@@ -516,6 +531,21 @@ class TraceProxy:
         self._add_direction(s, "backend", "B->F", ours, fe, Decoder(BackendReq))
         self._add_direction(s, "backend", "F->B", fe, ours, Decoder(BackendReq, replies=True))
         return [theirs.fileno()]
+
+    @staticmethod
+    def _interpose_notifier(rings: RingView, request: FrontendReq | BackendReq, index: int, front_fd: int,
+                            substitute: list[Any]) -> list[int]:
+        """``--rings``: the back-end gets the proxy's notifier fd for this vring's kick/call."""
+        try:
+            if request is FrontendReq.SET_VRING_KICK:
+                ours: Any = rings.interpose_kick(index, front_fd)
+            else:
+                ours = rings.interpose_call(index, front_fd)
+        except OSError as exc:
+            log.warning("cannot interpose vring %d's %s fd (%s): relayed as is", index, request.name, exc)
+            return [front_fd]
+        substitute.append(ours)  # closed once sent: the back-end has its own copy
+        return [ours.fileno()]
 
     @staticmethod
     def _send(sock: socket.socket, raw: bytes, fds: list[int]) -> None:
