@@ -250,7 +250,7 @@ class RingView:
         ring = st.ring(index)
         direction = "F->B" if what == "kick" else "B->F"
         data: dict[str, Any] = {"vring": index, "event": what}
-        ev = TraceEvent("ring", channel="ring", dir=direction, data=data)
+        ev = TraceEvent("ring", dir=direction, data=data)
         if st.memory is None or ring.addr is None or ring.num is None:
             ev.text = f"{what} vring {index} (ring memory unknown)"
             return ev
