@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "({socket} is where it must connect), report what it does against the spec")
     parser.add_argument("--no-backend-close", dest="backend_close", action="store_false",
                         help="--frontend: do not close the session mid-way (reconnect check)")
+    parser.add_argument("--nack", metavar="REQ[,REQ]", default="SET_MEM_TABLE,ADD_MEM_REG",
+                        help="--frontend: start the front-end a second time and answer the first acknowledged "
+                             "REQ with a failure (default: the memory table); 'none' skips this run")
     parser.add_argument("--device", choices=["rng", "blk", "echo", "vsock"],
                         help="also check device-class behaviour (requests are answered correctly)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -109,7 +112,8 @@ def run_frontend(args: argparse.Namespace) -> int:
                                 stderr=subprocess.DEVNULL, start_new_session=True)
 
     results = check_frontend(args.device, launch, timeout=max(args.timeout, 60.0),
-                             backend_close=args.backend_close)
+                             backend_close=args.backend_close,
+                             nack=() if args.nack.lower() == "none" else tuple(args.nack.upper().split(",")))
     if args.json:
         json.dump(results_json(results), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -4,7 +4,10 @@ A back-end of the chosen device type (one of ours, in this process) serves behin
 a checking :class:`~.proxy.TraceProxy`; the front-end under test is started by a
 *launcher* with the proxy's socket path.  Once it has started a ring, the back-end
 closes the session (as a crashing back-end would) and we watch whether the
-front-end survives and reconnects.  Each aspect becomes a
+front-end survives and reconnects.  Then (``nack``) the front-end is started a
+second time and the tracer answers its first acknowledged ``nack`` request (by
+default the memory table: SET_MEM_TABLE or ADD_MEM_REG) with a failure: the front-end must survive it, and should
+not go on to start rings on what the back-end refused.  Each aspect becomes a
 :class:`~vhostuser.testing.checker.CheckResult` (same report as ``vhostuser check``).
 """
 from __future__ import annotations
@@ -90,10 +93,18 @@ def _wait(cond: Callable[[], bool], timeout: float, alive: Callable[[], bool]) -
     return True
 
 
+#: the requests whose first acknowledgement is turned into a failure by default
+DEFAULT_NACK = ("SET_MEM_TABLE", "ADD_MEM_REG")
+
+
 def check_frontend(device: str, launch: Callable[[str], Launched], *, timeout: float = 60.0,
                    backend_close: bool = True, reconnect_timeout: float = 10.0,
-                   sink: Callable[[TraceEvent], None] | None = None) -> list[CheckResult]:
-    """Serve a ``device`` back-end to the front-end ``launch(socket_path)`` starts, and judge it."""
+                   sink: Callable[[TraceEvent], None] | None = None,
+                   nack: tuple[str, ...] = DEFAULT_NACK) -> list[CheckResult]:
+    """Serve a ``device`` back-end to the front-end ``launch(socket_path)`` starts, and judge it.
+
+    ``nack``: request names, the first acknowledgement of one of which is answered
+    with a failure in a second run of the front-end (empty: no such run)."""
     events: list[TraceEvent] = []
 
     def record(ev: TraceEvent) -> None:
@@ -130,9 +141,64 @@ def check_frontend(device: str, launch: Callable[[str], Launched], *, timeout: f
                     proc.wait()
                 proxy.stop()
             results = _judge(proxy.sessions, proxy.findings, started, backend_close, dropped_alive, reconnected)
+        if nack and started:
+            results.append(_nack_run(device, launch, nack, workdir, timeout, record))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return results
+
+
+def _nack_run(device: str, launch: Callable[[str], Launched], requests: tuple[str, ...], workdir: str,
+              timeout: float, record: Callable[[TraceEvent], None]) -> CheckResult:
+    """Start the front-end again; the tracer NACKs one of ``requests``; judge what follows."""
+    name = "handles-nack"
+    events: list[TraceEvent] = []
+
+    def keep(ev: TraceEvent) -> None:
+        events.append(ev)
+        record(ev)
+
+    sub = tempfile.mkdtemp(prefix="nack-", dir=workdir)
+    proc: Launched | None = None
+    with make_backend(device, sub) as backend, VhostUserDaemon(device, backend) as daemon:
+        back = os.path.join(sub, "backend.sock")
+        daemon.start_server(back)
+        proxy = TraceProxy(os.path.join(sub, "frontend.sock"), back, keep,
+                           TraceOptions(device=device, nack=requests))
+        proxy.start()
+        try:
+            proc = launch(proxy.listen_path)
+            alive = lambda: proc is not None and proc.poll() is None  # noqa: E731
+            injected = _wait(lambda: proxy.injected_nack is not None, timeout, alive)
+            if injected:
+                _wait(lambda: False, 3.0, alive)  # what does it do next?
+            status = proc.poll()
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proxy.stop()
+    if not injected:
+        return CheckResult(name, "skip", False, f"the front-end never asked for an acknowledged "
+                           f"{' or '.join(requests)} (NEED_REPLY with REPLY_ACK), so nothing was refused")
+    assert proxy.injected_nack is not None
+    session, seq, request = proxy.injected_nack
+    after = [e for e in events if e.seq > seq and e.session == session and e.kind == "request"]
+    kicks = [e for e in after if e.request == "SET_VRING_KICK"]
+    reply = next((e for e in events if e.seq == seq), None)
+    refused = next((e for e in events if reply is not None and e.seq == reply.reply_to), None)
+    # the same request again (for ADD_MEM_REG: the same region, not the next one)
+    resent = any(e.request == request and (refused is None or e.payload == refused.payload) for e in after)
+    what = (f"{len(after)} request(s) after the NACK" + (f", {request} sent again" if resent else "")
+            + (", rings started" if kicks else "") + (", session closed" if any(
+                e.kind == "close" and e.session == session for e in events) else ""))
+    if status is not None and status < 0:
+        return CheckResult(name, "fail", True, f"the front-end died (signal {-status}) after the NACK: {what}")
+    if kicks and not resent:
+        return CheckResult(name, "fail", False, f"survived, but started rings although {request} was refused "
+                           f"and not sent again: {what}")
+    exit_note = f" and exited with status {status}" if status is not None else ""
+    return CheckResult(name, "pass", True, f"survived the NACK of {request}{exit_note}: {what}")
 
 
 def _ring_started(sessions: list[SessionState], first: int) -> bool:
