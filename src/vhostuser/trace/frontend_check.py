@@ -18,12 +18,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from ..backend import VhostUserBackend
 from ..daemon import VhostUserDaemon
 from ..testing.checker import CheckResult
+from ..vring import VringState
 from .events import TraceEvent
 from .proxy import TraceOptions, TraceProxy
 from .rules import Finding
@@ -34,7 +35,7 @@ __all__ = ["Launched", "FRONTEND_DEVICES", "check_frontend", "make_backend"]
 log = logging.getLogger(__name__)
 
 #: device types ``check --frontend`` can serve
-FRONTEND_DEVICES = ("rng", "blk", "vsock")
+FRONTEND_DEVICES = ("rng", "blk", "vsock", "net")
 
 #: result name -> the rules whose findings fail it
 _GROUPS: dict[str, tuple[str, ...]] = {
@@ -74,6 +75,8 @@ def make_backend(device: str, workdir: str) -> Iterator[VhostUserBackend]:
         from ..devices.vsock.device import VsockBackend
         from ..devices.vsock.engine import VsockEngineConfig
         backend = VsockBackend(VsockEngineConfig(guest_cid=3, uds_path=os.path.join(workdir, "vsock.uds")))
+    elif device == "net":
+        backend = NetSink()
     else:
         raise ValueError(f"check --frontend cannot serve a {device!r} device (one of {', '.join(FRONTEND_DEVICES)})")
     try:
@@ -82,6 +85,32 @@ def make_backend(device: str, workdir: str) -> Iterator[VhostUserBackend]:
         close = getattr(backend, "close", None)
         if close is not None:
             close()
+
+
+class NetSink(VhostUserBackend):
+    """A virtio-net back-end that is all a front-end check needs: one queue pair,
+    every transmitted frame consumed (used, length 0), nothing ever received.
+    It offers no device feature beyond what every virtio-net driver copes without."""
+
+    num_queues = 2
+    max_queue_size = 32768
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: frames the front-end transmitted
+        self.tx_frames = 0
+
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState], thread_id: int) -> None:
+        vring = vrings.get(device_event)
+        if vring is None or device_event % 2 == 0:  # rx: we have nothing to send
+            return
+        while True:
+            while chains := vring.pop_batch():
+                vring.add_used_batch([(chain, 0) for chain in chains])
+                self.tx_frames += len(chains)
+            vring.signal_used_queue()
+            if not vring.enable_notification():
+                return
 
 
 def _wait(cond: Callable[[], bool], timeout: float, alive: Callable[[], bool]) -> bool:
@@ -127,8 +156,10 @@ def check_frontend(device: str, launch: Callable[[str], Launched], *, timeout: f
                 alive = lambda: proc is not None and proc.poll() is None  # noqa: E731
                 started = _wait(lambda: _ring_started(proxy.sessions, 0), timeout, alive)
                 dropped_alive = reconnected = None
+                early_exit: int | None = None
                 if started and backend_close:
                     time.sleep(0.5)  # let the front-end settle into the running state
+                    early_exit = proc.poll()
                     n = len(proxy.sessions)
                     proxy.drop_sessions()
                     reconnected = _wait(lambda: _ring_started(proxy.sessions, n), reconnect_timeout, alive)
@@ -140,7 +171,8 @@ def check_frontend(device: str, launch: Callable[[str], Launched], *, timeout: f
                     proc.kill()
                     proc.wait()
                 proxy.stop()
-            results = _judge(proxy.sessions, proxy.findings, started, backend_close, dropped_alive, reconnected)
+            results = _judge(proxy.sessions, proxy.findings, started, backend_close, dropped_alive, reconnected,
+                             early_exit)
         if nack and started:
             results.append(_nack_run(device, launch, nack, workdir, timeout, record))
     finally:
@@ -206,7 +238,7 @@ def _ring_started(sessions: list[SessionState], first: int) -> bool:
 
 
 def _judge(sessions: list[SessionState], findings: list[Finding], started: bool, backend_close: bool,
-           dropped_alive: bool | None, reconnected: bool | None) -> list[CheckResult]:
+           dropped_alive: bool | None, reconnected: bool | None, early_exit: int | None = None) -> list[CheckResult]:
     out = [CheckResult("connects", "pass" if sessions else "fail", True,
                        f"{len(sessions)} session(s)" if sessions else "the front-end never connected")]
     if not sessions:
@@ -222,11 +254,14 @@ def _judge(sessions: list[SessionState], findings: list[Finding], started: bool,
         status = "fail" if hits else "pass"
         detail = "; ".join(f"{f.rule.id}: {f.message} (#{f.about})" for f in hits[:3]) or "no finding"
         out.append(CheckResult(name, status, bool(errors) or not hits, detail))
-    if backend_close:
+    if backend_close and early_exit is not None:
+        out.append(CheckResult("backend-close", "fail", True, f"the front-end exited (status {early_exit}) before "
+                               "the back-end closed the session: see its own output"))
+    elif backend_close:
         out.append(CheckResult("backend-close", "pass" if dropped_alive else "fail", True,
                                "the front-end survived the back-end closing mid-session" if dropped_alive
                                else "the front-end died when the back-end closed the session"))
         out.append(CheckResult("reconnect", "pass" if reconnected else "fail", False,
                                "reconnected and restarted its rings" if reconnected
-                               else "did not reconnect (QEMU 7.2 reconnects only blk with reconnect=N)"))
+                               else "did not reconnect (QEMU 7.2 reconnects only blk, with reconnect=N)"))
     return out
