@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,10 @@ class TraceOptions:
     map_memory: bool = False
     #: interpose kick/call fds and report ring activity (:mod:`.rings`)
     rings: bool = False
+    #: answer the first REPLY_ACK of one of these front-end requests (e.g.
+    #: ``("SET_MEM_TABLE", "ADD_MEM_REG")``) with a failure in the back-end's stead,
+    #: to see how the front-end handles a NACK
+    nack: tuple[str, ...] = ()
 
 
 @dataclass
@@ -191,6 +196,8 @@ class TraceProxy:
         self.error_findings = 0
         #: every finding so far
         self.findings: list[Finding] = []
+        #: (session, seq, request name) of the reply the tracer turned into a NACK (``nack`` option)
+        self.injected_nack: tuple[int, int, str] | None = None
         self._checker = SpecChecker(self._on_finding) if self.options.check else None
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -438,6 +445,7 @@ class TraceProxy:
         try:
             if msg is not None:
                 forward = self._observe(d, msg, ev, info, fds, substitute)
+                raw = self._maybe_nack(d, msg, raw, ev)
             self._send(d.dst, raw, forward)
         finally:
             close_fds(fds)
@@ -531,6 +539,18 @@ class TraceProxy:
         self._add_direction(s, "backend", "B->F", ours, fe, Decoder(BackendReq))
         self._add_direction(s, "backend", "F->B", fe, ours, Decoder(BackendReq, replies=True))
         return [theirs.fileno()]
+
+    def _maybe_nack(self, d: _Direction, msg: Message, raw: bytes, ev: TraceEvent) -> bytes:
+        """The ``nack`` option: turn the first success ack of that request into a failure."""
+        if (not self.options.nack or self.injected_nack is not None or d.channel != "main"
+                or not msg.is_reply or msg.request.name not in self.options.nack
+                or msg.spec.reply is not Reply.ACK or len(raw) != HEADER_SIZE + 8):
+            return raw
+        self.injected_nack = (d.session.state.number, self._seq + 1, msg.request.name)
+        ev.nack = True
+        ev.text = "the tracer answers this request with a failure (--nack)"
+        ev.payload = {"value": 1}
+        return raw[:HEADER_SIZE] + struct.pack("<Q", 1)
 
     @staticmethod
     def _interpose_notifier(rings: RingView, request: FrontendReq | BackendReq, index: int, front_fd: int,
