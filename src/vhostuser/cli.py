@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
     "can": ("vhostuser.devices.can", "virtio-can back-end (virtual CAN bus between VMs, or host SocketCAN)"),
+    "spi": ("vhostuser.devices.spi", "virtio-spi back-end (host spidev, simulated loopback and EEPROM)"),
 }
 
 
@@ -84,6 +85,10 @@ def console_main() -> int:
 
 def can_main() -> int:
     return _device_command("can")
+
+
+def spi_main() -> int:
+    return _device_command("spi")
 
 
 if __name__ == "__main__":
