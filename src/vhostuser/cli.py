@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
     "can": ("vhostuser.devices.can", "virtio-can back-end (virtual CAN bus between VMs, or host SocketCAN)"),
     "spi": ("vhostuser.devices.spi", "virtio-spi back-end (host spidev, simulated loopback and EEPROM)"),
+    "scmi": ("vhostuser.devices.scmi", "virtio-scmi back-end (SCMI base and sensor protocols; fake, hwmon, IIO sensors)"),
 }
 
 
@@ -89,6 +90,10 @@ def can_main() -> int:
 
 def spi_main() -> int:
     return _device_command("spi")
+
+
+def scmi_main() -> int:
+    return _device_command("scmi")
 
 
 if __name__ == "__main__":
