@@ -14,6 +14,8 @@ import logging
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vhostuser.devices import can
 from vhostuser.devices.can import (
@@ -259,3 +261,63 @@ def test_can_devices_flag_needs_one_interface_per_socket() -> None:
     assert can.interfaces("can0 can1", 2) == ["can0", "can1"]
     with pytest.raises(ValueError):
         can.interfaces("can0", 2)
+
+
+def test_command_serves_a_virtual_bus_between_its_sockets(tmp_path) -> None:  # noqa: ANN001
+    import signal
+    import subprocess
+
+    from helpers.procs import vhostuser_process, wait_for_path
+
+    base = tmp_path / "can.sock"
+    with vhostuser_process(["can", "--socket-path", str(base), "--socket-count", "2"],
+                           stderr=subprocess.PIPE, text=True) as proc:
+        for i in range(2):
+            wait_for_path(tmp_path / f"can.sock{i}", proc)
+        a, b = CanDriver(str(tmp_path / "can.sock0")), CanDriver(str(tmp_path / "can.sock1"))
+        try:
+            a.open()
+            b.open()
+            assert a.xmit(FRAMES[2]) == VIRTIO_CAN_RESULT_OK
+            assert b.receive(1) == [FRAMES[2]]
+        finally:
+            a.close()
+            b.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_command_rejects_a_missing_host_interface(tmp_path) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vhostuser", "can", "-s", str(tmp_path / "s"), "-d", "nocan0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "nocan0" in out.stderr
+
+
+_tx_requests = st.one_of(
+    st.binary(max_size=96),
+    st.builds(lambda t, n, f, i, data: can.HEADER.pack(t, n, 0, 0, 0, f, i) + data,
+              st.sampled_from([VIRTIO_CAN_TX, VIRTIO_CAN_TX, 0x0101, 0x0201, 0xFFFF]),
+              st.integers(0, 70),
+              st.sampled_from([0, 0x8000, 0x4000, 0xC000, 0x2000, 0xA000, 0x6000, 0x1, 0x80000000]),
+              st.one_of(st.integers(0, 0x800), st.integers(0, 0x3FFFFFFF)),
+              st.binary(max_size=70)))
+
+
+@given(raw=_tx_requests, features=st.integers(0, 15), started=st.booleans())
+def test_check_tx_never_raises_and_accepts_only_valid_frames(raw: bytes, features: int, started: bool) -> None:
+    backend = CanBackend()
+    try:
+        backend.acked_features(features)
+        backend.started = started
+        verdict = backend.check_tx(raw)
+        if isinstance(verdict, CanFrame):
+            packed = verdict.pack(VIRTIO_CAN_TX)
+            # msg_type, length, flags, can_id and the payload are the request's (reserved bytes ignored)
+            assert started and packed[:4] == raw[:4] and packed[8:] == raw[8:len(packed)]
+            assert verdict.length <= (64 if verdict.fd else 8)
+            assert verdict.can_id <= (0x1FFFFFFF if verdict.extended else 0x7FF)
+    finally:
+        backend.close()

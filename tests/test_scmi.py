@@ -17,6 +17,8 @@ import logging
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vhostuser.devices.scmi import EVENTQ, VIRTIO_SCMI_F_P2A_CHANNELS, ScmiBackend, parse_device
 from vhostuser.devices.scmi import protocol as p
@@ -287,3 +289,51 @@ def test_sensor_read_failure_is_a_hardware_error(agent, sysfs) -> None:  # noqa:
 def test_bad_device_specs(spec: str) -> None:
     with pytest.raises(SensorError):
         parse_device(spec, 0)
+
+
+def test_command_serves_sensors(tmp_path, sysfs) -> None:  # noqa: ANN001
+    import signal
+    import subprocess
+
+    from helpers.procs import vhostuser_process, wait_for_path
+
+    hwmon, _iio = sysfs
+    sock = tmp_path / "scmi.sock"
+    with vhostuser_process(["scmi", "--socket-path", str(sock), "-d", "fake,name=f",
+                            "-d", f"hwmon,path={hwmon},channel=temp1"], stderr=subprocess.PIPE, text=True) as proc:
+        wait_for_path(sock, proc)
+        a = ScmiAgent(str(sock))
+        try:
+            assert a.base_init()["protocols"] == [p.SENSOR_PROTOCOL_ID]
+            assert [s["name"] for s in a.sensor_init()] == ["f", "hwmon0:temp1"]
+            assert a.read(1) == 42500
+        finally:
+            a.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_command_refuses_a_bad_device_spec(tmp_path) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vhostuser", "scmi", "-s", str(tmp_path / "s"), "-d", "fake,x=1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "unknown properties" in out.stderr
+
+
+_requests = st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda proto, msg, mtype, params: struct.pack("<I", Header(proto, msg, mtype, 5).pack()) + params,
+              st.sampled_from([0x10, 0x15, 0x11, 0xFF]), st.integers(0, 12), st.sampled_from([0, 0, 0, 2, 3]),
+              st.binary(max_size=16)))
+
+
+@given(request=_requests, room=st.integers(0, 200))
+def test_platform_answers_anything_within_the_buffer(request: bytes, room: int) -> None:
+    platform = p.ScmiPlatform([FakeSensor("a"), FakeSensor("b")])
+    response = platform.handle(request, room)
+    assert len(response) <= max(room, 0)
+    if len(request) >= 4 and room >= 8:
+        assert response[:4] == request[:4]
+        assert struct.unpack_from("<i", response, 4)[0] in set(Status)

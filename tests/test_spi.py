@@ -14,6 +14,8 @@ import logging
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vhostuser.devices import spi
 from vhostuser.devices.spi import (
@@ -212,3 +214,38 @@ def test_command_flags(tmp_path, eeprom_file) -> None:  # noqa: ANN001
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         spi.make_devices(None, [f"eeprom:{empty}"])
+
+
+def test_command_serves_simulated_devices(tmp_path, eeprom_file) -> None:  # noqa: ANN001
+    import signal
+    import subprocess
+
+    from helpers.procs import vhostuser_process, wait_for_path
+
+    sock = tmp_path / "spi.sock"
+    with vhostuser_process(["spi", "--socket-path", str(sock), "--simulate", "loopback",
+                            "--simulate", f"eeprom:{eeprom_file}", "--max-speed", "5000000"],
+                           stderr=subprocess.PIPE, text=True) as proc:
+        wait_for_path(sock, proc)
+        d = SpiDriver(str(sock))
+        try:
+            assert d.config.cs_max_number == 2 and d.config.max_freq_hz == 5_000_000
+            assert d.write_then_read(1, b"\x03\x00\x10", 3) == bytes([0x10, 0x11, 0x12])
+        finally:
+            d.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+@given(head=st.builds(TransferHead, *(st.integers(0, 255) for _ in range(5)),
+                      *(st.integers(0, 2**32 - 1) for _ in range(6))),
+       tx_len=st.integers(0, 2 * spi.MAX_TRANSFER), rx_len=st.integers(0, 2 * spi.MAX_TRANSFER))
+def test_check_head_accepts_only_what_the_config_offers(head: TransferHead, tx_len: int, rx_len: int) -> None:
+    backend = SpiBackend([LoopbackDevice(), LoopbackDevice()], max_freq_hz=10_000_000)
+    problem = backend.check_head(head, tx_len, rx_len)
+    if problem is None:
+        assert head.chip_select_id < 2 and head.bits_per_word == 8 and head.mode <= 0x1F
+        assert head.tx_nbits in (0, 1) and head.rx_nbits in (0, 1) and head.freq <= 10_000_000
+        assert not (head.word_delay_ns or head.cs_setup_ns or head.cs_delay_hold_ns
+                    or head.cs_change_delay_inactive_ns)
+        assert not (tx_len and rx_len and tx_len != rx_len) and max(tx_len, rx_len) <= spi.MAX_TRANSFER

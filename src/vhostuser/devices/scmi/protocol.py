@@ -157,7 +157,7 @@ class ScmiPlatform:
         bytes long (the agent's buffer): header, status, return values."""
         if len(request) < 4:
             log.warning("scmi: request of %d bytes has no header", len(request))
-            return u32s(0, Status.PROTOCOL_ERROR)
+            return u32s(0, Status.PROTOCOL_ERROR)[:max(room, 0)]
         (raw,) = struct.unpack_from("<I", request)
         header = Header.unpack(raw)
         try:
