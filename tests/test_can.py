@@ -174,7 +174,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("raw", BAD)
-def test_bad_tx_requests_get_not_ok_and_a_log_line(bus_pair, raw: bytes, caplog) -> None:  # noqa: ANN001
+def test_bad_tx_requests_get_not_ok_and_a_log_line(no_fd_leak, bus_pair, raw: bytes, caplog) -> None:  # noqa: ANN001
     _bus, _backends, (a, b, _c) = bus_pair
     a.open()
     b.open()
@@ -321,3 +321,28 @@ def test_check_tx_never_raises_and_accepts_only_valid_frames(raw: bytes, feature
             assert verdict.can_id <= (0x1FFFFFFF if verdict.extended else 0x7FF)
     finally:
         backend.close()
+
+
+def test_a_new_driver_finds_the_controller_stopped(serve_backend) -> None:  # noqa: ANN001
+    bus = VirtualCanBus()
+    backend = CanBackend(bus)
+    path = serve_backend(backend)
+    peer = CanDriver(serve_backend(CanBackend(bus)))
+    try:
+        first = CanDriver(path)
+        first.open()
+        bus.bus_off(0)
+        assert first.fe.handler.config_changed.wait(TIMEOUT)
+        first.close()  # the guest goes away (reboot)
+        second = CanDriver(path)
+        try:
+            assert second.status() == 0  # reset: no stale bus-off
+            assert second.xmit(FRAMES[0]) == VIRTIO_CAN_RESULT_NOT_OK  # initially STOPPED
+            second.open()
+            peer.open()
+            assert second.xmit(FRAMES[0]) == VIRTIO_CAN_RESULT_OK
+            assert peer.receive(1) == [FRAMES[0]]
+        finally:
+            second.close()
+    finally:
+        peer.close()

@@ -239,7 +239,7 @@ def test_bad_commands_get_an_scmi_status_and_a_log_line(agent, protocol, message
     assert agent.read(5) == 0  # still serving
 
 
-def test_malformed_messages(agent, caplog) -> None:  # noqa: ANN001
+def test_malformed_messages(no_fd_leak, agent, caplog) -> None:  # noqa: ANN001
     with caplog.at_level(logging.WARNING, logger="vhostuser.devices.scmi"):
         # not a command: a notification sent by the agent
         assert agent.xfer(p.BASE_PROTOCOL_ID, 0, message_type=p.MSG_TYPE_NOTIFICATION)[0] == Status.NOT_SUPPORTED
@@ -337,3 +337,22 @@ def test_platform_answers_anything_within_the_buffer(request: bytes, room: int) 
     if len(request) >= 4 and room >= 8:
         assert response[:4] == request[:4]
         assert struct.unpack_from("<i", response, 4)[0] in set(Status)
+
+
+def test_a_new_agent_starts_without_notifications(serve_backend) -> None:  # noqa: ANN001
+    backend = ScmiBackend([FakeSensor("x", step=0, value=7)], update_interval=0.05)
+    path = serve_backend(backend)
+    first = ScmiAgent(path)
+    first.ok(p.SENSOR_PROTOCOL_ID, p.SENSOR_CONTINUOUS_UPDATE_NOTIFY, 0, 1)
+    assert first.events(1)
+    first.ok(p.SENSOR_PROTOCOL_ID, p.SENSOR_CONFIG_SET, 0, 0)
+    first.close()
+    second = ScmiAgent(path)
+    try:
+        assert second.ok(p.SENSOR_PROTOCOL_ID, p.SENSOR_CONFIG_GET, 0) == struct.pack("<I", 1)
+        assert second.read(0) == 7
+        with pytest.raises(TimeoutError):
+            second.fe.wait_used(EVENTQ, 1, 0.5)
+        assert not backend.platform.sensors[0].notify
+    finally:
+        second.close()

@@ -149,7 +149,7 @@ def test_bad_heads_get_param_err_and_a_log_line(driver, head: TransferHead, capl
     assert driver.transfer_one(TransferHead(0), b"ok", 2) == (VIRTIO_SPI_TRANS_OK, b"ok")
 
 
-def test_malformed_requests(driver, caplog) -> None:  # noqa: ANN001
+def test_malformed_requests(no_fd_leak, driver, caplog) -> None:  # noqa: ANN001
     fe = driver.fe
     with caplog.at_level(logging.WARNING, logger="vhostuser.devices.spi"):
         # a head shorter than 32 bytes

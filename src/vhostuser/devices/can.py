@@ -269,6 +269,14 @@ class CanBackend(VhostUserBackend):
                 log.warning("can: config change notification failed: %s", exc)
 
     # ------------------------------------------------------------ device
+    def reset_device(self) -> None:
+        """Front-end reset or gone: the controller is STOPPED again, no bus-off."""
+        super().reset_device()
+        with self._lock:
+            self.started = False
+            self._set_status(0)
+            self._pending.clear()
+
     def vring_started(self, index: int, vring: VringState) -> None:
         self._vrings[index] = vring
         if index == RXQ:

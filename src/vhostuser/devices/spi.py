@@ -144,6 +144,9 @@ class SpiDevice:
         """Clock ``tx`` out (None: half-duplex read) and return ``rx_len`` bytes read."""
         raise NotImplementedError
 
+    def reset(self) -> None:
+        """The controller was reset (chip select released)."""
+
     def close(self) -> None:
         """Release the device."""
 
@@ -192,6 +195,11 @@ class EepromDevice(SpiDevice):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._cmd.clear()
+            self.write_enabled = False
 
     def _needs_more(self) -> bool:
         if not self._cmd:
@@ -306,6 +314,11 @@ class SpiBackend(VhostUserBackend):
     def close(self) -> None:
         for d in self.devices:
             d.close()
+
+    def reset_device(self) -> None:
+        super().reset_device()
+        for d in self.devices:
+            d.reset()
 
     def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState],
                      thread_id: int) -> None:

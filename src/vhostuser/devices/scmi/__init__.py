@@ -9,7 +9,7 @@ where the platform posts notifications.  The platform here
 sensor management protocol over sensors with fake values or host hwmon / IIO
 files (:mod:`.sensors`), like rust-vmm's vhost-device-scmi.
 
-Sensors with continuous updates on are sampled every ``update_interval``
+Enabled sensors with continuous updates on are sampled every ``update_interval``
 seconds and a SENSOR_UPDATE notification goes to ``eventq``
 (:meth:`ScmiBackend.notify_update` sends one at once).
 
@@ -77,6 +77,15 @@ class ScmiBackend(VhostUserBackend):
         self._consumer.close()
         self._notifier.close()
 
+    def reset_device(self) -> None:
+        """Front-end reset or gone: notifications off, sensors enabled, nothing pending."""
+        super().reset_device()
+        for sensor in self.platform.sensors:
+            sensor.notify = False
+            sensor.enabled = True
+        with self._lock:
+            self._pending.clear()
+
     def _p2a(self) -> bool:
         return bool(self.acked & (1 << VIRTIO_SCMI_F_P2A_CHANNELS))
 
@@ -84,7 +93,7 @@ class ScmiBackend(VhostUserBackend):
     def _tick(self) -> None:
         while not self._stop.wait(self.update_interval):
             for i, sensor in enumerate(self.platform.sensors):
-                if sensor.notify:
+                if sensor.notify and sensor.enabled:
                     self.notify_update(i)
 
     def notify_update(self, sensor_id: int) -> None:
