@@ -198,7 +198,9 @@ def test_unnegotiated_frame_kinds_are_refused(serve_backend) -> None:  # noqa: A
         # an FD frame from a peer is not delivered to a classic-only guest; classic ones are
         assert other.xmit(CanFrame(2, b"y" * 16, fd=True)) == VIRTIO_CAN_RESULT_OK
         assert other.xmit(CanFrame(3, b"z")) == VIRTIO_CAN_RESULT_OK
-        assert classic_only.receive(1) == [CanFrame(3, b"z")]
+        assert other.xmit(CanFrame(4, rtr=True, rtr_length=2)) == VIRTIO_CAN_RESULT_OK  # no RTR negotiated
+        assert other.xmit(CanFrame(3, b"z")) == VIRTIO_CAN_RESULT_OK
+        assert classic_only.receive(2) == [CanFrame(3, b"z")] * 2
     finally:
         classic_only.close()
         other.close()
@@ -238,6 +240,15 @@ def test_too_small_rx_buffer_drops_the_frame_not_the_device(serve_backend, caplo
     finally:
         a.close()
         b.close()
+
+
+def test_late_tx_ack_is_offered_only_on_the_virtual_bus() -> None:
+    backend = CanBackend()
+    try:
+        assert backend.features() & (1 << can.VIRTIO_CAN_F_LATE_TX_ACK)
+    finally:
+        backend.close()
+    assert not SocketCanLink.late_tx_ack
 
 
 def test_host_frame_conversion() -> None:

@@ -129,6 +129,9 @@ class CanFrame:
 class CanLink:
     """Where a :class:`CanBackend`'s frames go and come from."""
 
+    #: :meth:`transmit` returns once the frame is on the bus (VIRTIO_CAN_F_LATE_TX_ACK)
+    late_tx_ack = False
+
     def attach(self, backend: CanBackend) -> None:
         """``backend`` uses this link (called once, from its constructor)."""
 
@@ -142,7 +145,10 @@ class CanLink:
 
 class VirtualCanBus(CanLink):
     """A CAN bus inside this process: every started controller on it receives
-    what the others send (not its own frames, like a real controller)."""
+    what the others send (not its own frames, like a real controller).  A
+    frame is on the bus when :meth:`transmit` returns."""
+
+    late_tx_ack = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -212,8 +218,7 @@ class CanBackend(VhostUserBackend):
 
     num_queues = 3
     max_queue_size = 1024
-    device_features = ((1 << VIRTIO_CAN_F_CAN_CLASSIC) | (1 << VIRTIO_CAN_F_CAN_FD)
-                       | (1 << VIRTIO_CAN_F_RTR_FRAMES) | (1 << VIRTIO_CAN_F_LATE_TX_ACK))
+    device_features = (1 << VIRTIO_CAN_F_CAN_CLASSIC) | (1 << VIRTIO_CAN_F_CAN_FD) | (1 << VIRTIO_CAN_F_RTR_FRAMES)
 
     def __init__(self, link: CanLink | None = None, *, rx_backlog: int = 1024) -> None:
         super().__init__()
@@ -236,6 +241,12 @@ class CanBackend(VhostUserBackend):
         self._rx_consumer.close()
         self._rx_notifier.close()
         self.link.close()
+
+    def features(self) -> int:
+        """LATE_TX_ACK is offered when the link knows a frame is on the bus (the
+        virtual bus; a SocketCAN send only queues the frame in the host kernel)."""
+        late = (1 << VIRTIO_CAN_F_LATE_TX_ACK) if self.link.late_tx_ack else 0
+        return super().features() | late
 
     # ------------------------------------------------------------ config
     def _set_status(self, status: int) -> None:
@@ -377,6 +388,12 @@ class CanBackend(VhostUserBackend):
         self.stats["tx"] += 1
         return VIRTIO_CAN_RESULT_OK
 
+    def _accepts(self, frame: CanFrame) -> bool:
+        """The guest negotiated this kind of frame."""
+        if frame.fd:
+            return self._has(VIRTIO_CAN_F_CAN_FD)
+        return self._has(VIRTIO_CAN_F_CAN_CLASSIC) and (not frame.rtr or self._has(VIRTIO_CAN_F_RTR_FRAMES))
+
     def _fill_rx(self, vring: VringState) -> None:
         if not vring.is_running:
             return
@@ -384,7 +401,7 @@ class CanBackend(VhostUserBackend):
         with self._lock:
             while self._pending:
                 frame = self._pending[0]
-                if frame.fd and not self._has(VIRTIO_CAN_F_CAN_FD):
+                if not self._accepts(frame):
                     self._pending.popleft()
                     self.stats["rx_dropped_unsupported"] += 1
                     continue
