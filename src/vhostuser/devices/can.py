@@ -303,7 +303,7 @@ class CanBackend(VhostUserBackend):
             self._fill_rx(vrings[RXQ])
         elif device_event == _RX_TOKEN:
             self._rx_consumer.consume()
-            vring = vrings.get(RXQ) or self._vrings.get(RXQ)
+            vring = vrings[RXQ] if RXQ in vrings else self._vrings.get(RXQ)
             if vring is not None:
                 self._fill_rx(vring)
         elif device_event == _HOST_TOKEN and isinstance(self.link, SocketCanLink):
