@@ -357,3 +357,11 @@ def test_a_new_driver_finds_the_controller_stopped(serve_backend) -> None:  # no
             second.close()
     finally:
         peer.close()
+
+
+def test_control_plane_conformance(no_fd_leak, serve_backend) -> None:  # noqa: ANN001
+    from vhostuser.testing.checker import format_report, run_checks
+
+    results = run_checks(serve_backend(CanBackend()), timeout=5)
+    assert all(r.status in ("pass", "skip") for r in results), format_report(results)
+    assert sum(r.status == "pass" for r in results) >= 10, format_report(results)

@@ -249,3 +249,11 @@ def test_check_head_accepts_only_what_the_config_offers(head: TransferHead, tx_l
         assert not (head.word_delay_ns or head.cs_setup_ns or head.cs_delay_hold_ns
                     or head.cs_change_delay_inactive_ns)
         assert not (tx_len and rx_len and tx_len != rx_len) and max(tx_len, rx_len) <= spi.MAX_TRANSFER
+
+
+def test_control_plane_conformance(no_fd_leak, serve_backend, eeprom_file) -> None:  # noqa: ANN001
+    from vhostuser.testing.checker import format_report, run_checks
+
+    results = run_checks(serve_backend(SpiBackend([LoopbackDevice(), EepromDevice(eeprom_file)])), timeout=5)
+    assert all(r.status in ("pass", "skip") for r in results), format_report(results)
+    assert sum(r.status == "pass" for r in results) >= 10, format_report(results)
