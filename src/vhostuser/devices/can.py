@@ -135,6 +135,9 @@ class CanLink:
     def attach(self, backend: CanBackend) -> None:
         """``backend`` uses this link (called once, from its constructor)."""
 
+    def detach(self, backend: CanBackend) -> None:
+        """``backend`` is closing."""
+
     def transmit(self, backend: CanBackend, frame: CanFrame) -> bool:
         """Send ``frame`` from ``backend``; False if it could not be sent."""
         raise NotImplementedError
@@ -158,6 +161,11 @@ class VirtualCanBus(CanLink):
         with self._lock:
             self.members.append(backend)
 
+    def detach(self, backend: CanBackend) -> None:
+        with self._lock:
+            if backend in self.members:
+                self.members.remove(backend)
+
     def transmit(self, backend: CanBackend, frame: CanFrame) -> bool:
         with self._lock:
             others = [m for m in self.members if m is not backend]
@@ -171,14 +179,21 @@ class VirtualCanBus(CanLink):
 
 
 class SocketCanLink(CanLink):
-    """A host SocketCAN interface; frames from the host reach the guest."""
+    """A host SocketCAN interface; frames from the host reach the guest.
 
-    def __init__(self, interface: str) -> None:
+    ``sock`` replaces the raw CAN socket (any datagram socket carrying the
+    kernel's frame layout, e.g. for tests on a system without SocketCAN)."""
+
+    def __init__(self, interface: str, *, sock: socket.socket | None = None) -> None:
         self.interface = interface
-        self.sock: socket.socket = open_can_socket(interface)
+        self.sock: socket.socket = sock if sock is not None else open_can_socket(interface)
+        self.sock.setblocking(False)
 
     def attach(self, backend: CanBackend) -> None:
         backend.register_fd(self.sock.fileno(), _HOST_TOKEN)
+
+    def detach(self, backend: CanBackend) -> None:
+        backend.unregister_fd(self.sock.fileno())
 
     def transmit(self, backend: CanBackend, frame: CanFrame) -> bool:
         try:
@@ -240,6 +255,7 @@ class CanBackend(VhostUserBackend):
         self.unregister_fd(self._rx_consumer.fileno())
         self._rx_consumer.close()
         self._rx_notifier.close()
+        self.link.detach(self)
         self.link.close()
 
     def features(self) -> int:
