@@ -257,3 +257,39 @@ def test_control_plane_conformance(no_fd_leak, serve_backend, eeprom_file) -> No
     results = run_checks(serve_backend(SpiBackend([LoopbackDevice(), EepromDevice(eeprom_file)])), timeout=5)
     assert all(r.status in ("pass", "skip") for r in results), format_report(results)
     assert sum(r.status == "pass" for r in results) >= 10, format_report(results)
+
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 1023), st.binary(min_size=1, max_size=40), st.booleans()),
+    st.tuples(st.just("read"), st.integers(0, 1023), st.integers(1, 40), st.booleans())), max_size=25)
+
+
+@given(ops=_ops)
+def test_eeprom_matches_a_byte_array_model(tmp_path_factory, ops) -> None:  # noqa: ANN001
+    path = tmp_path_factory.mktemp("ee") / "ee.bin"
+    path.write_bytes(bytes(1024))
+    model = bytearray(1024)
+    dev = EepromDevice(str(path))
+    head = TransferHead(0)
+    try:
+        for op, addr, arg, split in ops:
+            cmd = bytes([0x02 if op == "write" else 0x03]) + addr.to_bytes(2, "big")
+            if op == "write":
+                dev.transfer(head, b"\x06", 0)
+                if split:  # command transfer, then a data transfer
+                    dev.transfer(head, cmd, 0)
+                    dev.transfer(head, arg, 0)
+                else:
+                    dev.transfer(head, cmd + arg, 0)
+                for k, b in enumerate(arg):
+                    model[(addr + k) % 1024] = b
+            elif split:  # write-then-read
+                dev.transfer(head, cmd, 0)
+                got = dev.transfer(head, None, arg)
+                assert got == bytes(model[(addr + k) % 1024] for k in range(arg))
+            else:  # one full-duplex transfer
+                got = dev.transfer(head, cmd + bytes(arg), 3 + arg)
+                assert got[3:] == bytes(model[(addr + k) % 1024] for k in range(arg))
+    finally:
+        dev.close()
+    assert path.read_bytes() == bytes(model)
