@@ -317,6 +317,10 @@ def test_command_refuses_a_bad_device_spec(tmp_path) -> None:  # noqa: ANN001
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-m", "vhostuser", "scmi", "--help-devices"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and all(kind in out.stdout for kind in ("fake", "hwmon,path=", "iio,path="))
+
     out = subprocess.run([sys.executable, "-m", "vhostuser", "scmi", "-s", str(tmp_path / "s"), "-d", "fake,x=1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "unknown properties" in out.stderr

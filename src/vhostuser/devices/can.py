@@ -445,8 +445,8 @@ DESCRIPTION = """virtio-can vhost-user back-end (device id 36).
 Gives each guest a CAN / CAN FD controller.  With --can-devices, each socket's
 controller is a host SocketCAN interface (one per socket, rust-vmm's syntax:
 "can0 can1"); without it, all sockets share one virtual CAN bus in this process.
-QEMU 7.2 has no virtio-can front-end; newer QEMUs use vhost-user-device-pci
-(virtio-id=36, num_vqs=3, config_size=2) or vhost-user-can-pci.
+QEMU 7.2 has no virtio-can front-end; a newer QEMU's generic vhost-user-device-pci
+(virtio-id=36, num_vqs=3, config_size=2) can drive it.
 
 Flags follow rust-vmm's vhost-device-can."""
 

@@ -422,8 +422,8 @@ host device given with -l/--device (rust-vmm's flag), if any; each --simulate ad
 a simulated device on the next chip select:
   loopback            reads back what is written (full duplex)
   eeprom:FILE         a 25xx SPI EEPROM whose contents are FILE (its size)
-QEMU 7.2 has no virtio-spi front-end; newer QEMUs use vhost-user-device-pci
-(virtio-id=45, num_vqs=1, config_size=32) or vhost-user-spi-pci."""
+QEMU 7.2 has no virtio-spi front-end; a newer QEMU's generic vhost-user-device-pci
+(virtio-id=45, num_vqs=1, config_size=32) can drive it."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

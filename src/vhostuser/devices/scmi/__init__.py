@@ -166,11 +166,14 @@ DESCRIPTION = """virtio-scmi vhost-user back-end (device id 32).
 
 An Arm SCMI platform for the guest's SCMI agent (drivers/firmware/arm_scmi/virtio.c):
 the base protocol and the sensor management protocol.  Sensors, one per -d/--device
-(vhost-device-scmi's syntax), get ids 0, 1, ... in order:
+(vhost-device-scmi's syntax), get ids 0, 1, ... in order (--help-devices lists the kinds).
+QEMU 7.2 has no vhost-user-scmi front-end (later QEMUs have vhost-user-scmi-pci)."""
+
+
+DEVICES_HELP = """Sensor kinds for -d/--device KIND,PROPERTY=VALUE,...:
   fake[,name=NAME]                          a counter: 0, 1, 2, ... on every read
-  hwmon,path=DIR,channel=temp1[,name=NAME]  DIR/temp1_input (hwmon units)
-  iio,path=DIR,channel=in_temp[,name=NAME]  (DIR/in_temp_raw + _offset) * _scale
-QEMU 7.2 has no vhost-user-scmi front-end (QEMU 8.0 adds vhost-user-scmi-pci)."""
+  hwmon,path=DIR,channel=temp1[,name=NAME]  DIR/temp1_input, in the hwmon sysfs units
+  iio,path=DIR,channel=in_temp[,name=NAME]  (DIR/in_temp_raw + _offset) * _scale, in thousandths"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,12 +182,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_arguments(parser)
     parser.add_argument("-d", "--device", action="append", default=[], metavar="SPEC",
                         help="a sensor: fake[,name=N], hwmon,path=DIR,channel=C[,name=N], iio,path=DIR,channel=C[,...]")
+    parser.add_argument("--help-devices", action="store_true",
+                        help="describe the sensor kinds --device accepts and exit (as vhost-device-scmi)")
     parser.add_argument("--update-interval", type=float, default=1.0, metavar="SECONDS",
                         help="how often sensors with continuous updates on notify the guest (default: 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..common import capabilities, serve_backends
+
+    if args.help_devices:
+        print(DEVICES_HELP)
+        return 0
 
     def make(i: int) -> ScmiBackend:
         try:
