@@ -211,6 +211,11 @@ def test_malformed_control_and_resultless_chains(bus_pair, caplog) -> None:  # n
     with caplog.at_level(logging.WARNING, logger="vhostuser.devices.can"):
         assert a.control(0x0203) == VIRTIO_CAN_RESULT_NOT_OK
         assert a.fe.request(CTRLQ, [b"\x01"], [1], timeout=TIMEOUT).data == bytes([VIRTIO_CAN_RESULT_NOT_OK])
+        # a frame on the control queue (wrong queue)
+        assert a.fe.request(CTRLQ, [FRAMES[0].pack(VIRTIO_CAN_TX)], [1], timeout=TIMEOUT).data == \
+            bytes([VIRTIO_CAN_RESULT_NOT_OK])
+        # a receive-style (write-only) buffer on the tx queue
+        assert a.fe.request(TXQ, [], [RX_BUF], timeout=TIMEOUT).data[:1] == bytes([VIRTIO_CAN_RESULT_NOT_OK])
         # no room for the result: returned with length 0
         assert a.fe.request(TXQ, [FRAMES[0].pack(VIRTIO_CAN_TX)], [], timeout=TIMEOUT).length == 0
     assert "unknown control message" in caplog.text and "result byte" in caplog.text
