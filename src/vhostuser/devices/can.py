@@ -275,10 +275,10 @@ class CanBackend(VhostUserBackend):
     # ------------------------------------------------------------ host side
     def deliver(self, frame: CanFrame) -> None:
         """A frame from the bus for this controller (any thread)."""
-        if not self.started:
-            self.stats["rx_dropped_stopped"] += 1
-            return
-        with self._lock:
+        with self._lock:  # the state STOP / reset / bus-off change under this lock
+            if not self.started:
+                self.stats["rx_dropped_stopped"] += 1
+                return
             self._pending.append(frame)
         self._rx_notifier.notify()
 

@@ -80,10 +80,10 @@ class ScmiBackend(VhostUserBackend):
     def reset_device(self) -> None:
         """Front-end reset or gone: notifications off, sensors enabled, nothing pending."""
         super().reset_device()
-        for sensor in self.platform.sensors:
-            sensor.notify = False
-            sensor.enabled = True
         with self._lock:
+            for sensor in self.platform.sensors:
+                sensor.notify = False
+                sensor.enabled = True
             self._pending.clear()
 
     def _p2a(self) -> bool:
@@ -94,14 +94,18 @@ class ScmiBackend(VhostUserBackend):
         while not self._stop.wait(self.update_interval):
             for i, sensor in enumerate(self.platform.sensors):
                 if sensor.notify and sensor.enabled:
-                    self.notify_update(i)
+                    self.notify_update(i, subscribed_only=True)
 
-    def notify_update(self, sensor_id: int) -> None:
-        """Queue a SENSOR_UPDATE notification for ``sensor_id`` (any thread)."""
+    def notify_update(self, sensor_id: int, *, subscribed_only: bool = False) -> None:
+        """Queue a SENSOR_UPDATE notification for ``sensor_id`` (any thread);
+        with ``subscribed_only``, only if the agent still wants them."""
         message = self.platform.sensor_update(sensor_id)
         if message is None:
             return
-        with self._lock:
+        sensor = self.platform.sensors[sensor_id]
+        with self._lock:  # checked under the lock reset_device takes: no stale update after a reset
+            if subscribed_only and not (sensor.notify and sensor.enabled):
+                return
             if len(self._pending) == self._pending.maxlen:
                 log.warning("scmi: eventq has no buffers; dropping the oldest notification")
             self._pending.append(message)
