@@ -143,41 +143,51 @@ def check_frontend(device: str, launch: Callable[[str], Launched], *, timeout: f
 
     workdir = tempfile.mkdtemp(prefix="vhu-fecheck-")
     results: list[CheckResult] = []
-    proc: Launched | None = None
     try:
-        with make_backend(device, workdir) as backend, VhostUserDaemon(device, backend) as daemon:
-            back = os.path.join(workdir, "backend.sock")
-            daemon.start_server(back)
-            proxy = TraceProxy(os.path.join(workdir, "frontend.sock"), back, record,
-                               TraceOptions(check=True, device=device))
-            proxy.start()
-            try:
-                proc = launch(proxy.listen_path)
-                alive = lambda: proc is not None and proc.poll() is None  # noqa: E731
-                started = _wait(lambda: _ring_started(proxy.sessions, 0), timeout, alive)
-                dropped_alive = reconnected = None
-                early_exit: int | None = None
-                if started and backend_close:
-                    time.sleep(0.5)  # let the front-end settle into the running state
-                    early_exit = proc.poll()
-                    n = len(proxy.sessions)
-                    proxy.drop_sessions()
-                    reconnected = _wait(lambda: _ring_started(proxy.sessions, n), reconnect_timeout, alive)
-                    dropped_alive = alive() or (proc.poll() == 0)
-                if alive():
-                    _wait(lambda: False, timeout if not started else 5.0, alive)
-            finally:
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                proxy.stop()
-            results = _judge(proxy.sessions, proxy.findings, started, backend_close, dropped_alive, reconnected,
-                             early_exit)
+        with _front_end_behind_tracer(device, workdir, launch, record,
+                                      TraceOptions(check=True, device=device)) as (proxy, proc):
+            alive = lambda: proc.poll() is None  # noqa: E731
+            started = _wait(lambda: _ring_started(proxy.sessions, 0), timeout, alive)
+            dropped_alive = reconnected = None
+            early_exit: int | None = None
+            if started and backend_close:
+                time.sleep(0.5)  # let the front-end settle into the running state
+                early_exit = proc.poll()
+                n = len(proxy.sessions)
+                proxy.drop_sessions()
+                reconnected = _wait(lambda: _ring_started(proxy.sessions, n), reconnect_timeout, alive)
+                dropped_alive = alive() or (proc.poll() == 0)
+            if alive():
+                _wait(lambda: False, timeout if not started else 5.0, alive)
+        results = _judge(proxy.sessions, proxy.findings, started, backend_close, dropped_alive, reconnected,
+                         early_exit)
         if nack and started:
             results.append(_nack_run(device, launch, nack, workdir, timeout, record))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return results
+
+
+@contextlib.contextmanager
+def _front_end_behind_tracer(device: str, workdir: str, launch: Callable[[str], Launched],
+                             sink: Callable[[TraceEvent], None],
+                             options: TraceOptions) -> Iterator[tuple[TraceProxy, Launched]]:
+    """Our ``device`` back-end behind a tracer in ``workdir``, and the front-end
+    ``launch`` started on the tracer's socket; killed and stopped at the end."""
+    with make_backend(device, workdir) as backend, VhostUserDaemon(device, backend) as daemon:
+        back = os.path.join(workdir, "backend.sock")
+        daemon.start_server(back)
+        proxy = TraceProxy(os.path.join(workdir, "frontend.sock"), back, sink, options)
+        proxy.start()
+        proc: Launched | None = None
+        try:
+            proc = launch(proxy.listen_path)
+            yield proxy, proc
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proxy.stop()
 
 
 def _nack_run(device: str, launch: Callable[[str], Launched], requests: tuple[str, ...], workdir: str,
@@ -191,25 +201,13 @@ def _nack_run(device: str, launch: Callable[[str], Launched], requests: tuple[st
         record(ev)
 
     sub = tempfile.mkdtemp(prefix="nack-", dir=workdir)
-    proc: Launched | None = None
-    with make_backend(device, sub) as backend, VhostUserDaemon(device, backend) as daemon:
-        back = os.path.join(sub, "backend.sock")
-        daemon.start_server(back)
-        proxy = TraceProxy(os.path.join(sub, "frontend.sock"), back, keep,
-                           TraceOptions(device=device, nack=requests))
-        proxy.start()
-        try:
-            proc = launch(proxy.listen_path)
-            alive = lambda: proc is not None and proc.poll() is None  # noqa: E731
-            injected = _wait(lambda: proxy.injected_nack is not None, timeout, alive)
-            if injected:
-                _wait(lambda: False, 3.0, alive)  # what does it do next?
-            status = proc.poll()
-        finally:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proxy.stop()
+    with _front_end_behind_tracer(device, sub, launch, keep, TraceOptions(device=device, nack=requests)) \
+            as (proxy, proc):
+        alive = lambda: proc.poll() is None  # noqa: E731
+        injected = _wait(lambda: proxy.injected_nack is not None, timeout, alive)
+        if injected:
+            _wait(lambda: False, 3.0, alive)  # what does it do next?
+        status = proc.poll()
     if not injected:
         return CheckResult(name, "skip", False, f"the front-end never asked for an acknowledged "
                            f"{' or '.join(requests)} (NEED_REPLY with REPLY_ACK), so nothing was refused")
