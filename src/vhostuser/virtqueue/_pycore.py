@@ -10,10 +10,13 @@ step for step: the ORDER of checks below is part of the contract.
 from __future__ import annotations
 
 import bisect
+import errno
+import os
 import struct
 import threading
 from typing import Any
 
+from ..errors import GuestMemoryError
 from ..memory import GuestMemory
 from .defs import (
     DESC_SIZE,
@@ -46,6 +49,11 @@ __all__ = [
     "gather",
     "gather_into",
     "scatter",
+    "chain_io",
+    "chain_heads",
+    "IO_NONE",
+    "IO_READ",
+    "IO_WRITE",
 ]
 
 NAME = "python"
@@ -647,3 +655,166 @@ def scatter(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, ski
         pos += take
         skip = 0
     return pos
+
+
+# ------------------------------------------------------------------- batch I/O
+#: chain_io operations (``ops[k]``)
+IO_NONE = 0
+IO_READ = 1  # file -> the chain's writable bytes [0, write_bytes - tail)
+IO_WRITE = 2  # the chain's readable bytes [skip, read_bytes) -> file
+#: most pieces one chain's transfer may have (IOV_MAX on Linux)
+MAX_IOV = 1024
+_SIGNAL = struct.pack("=Q", 1)
+
+
+def check_io_args(batch: Any, first: int, n: int, *arrays: Any) -> None:
+    """Raise ValueError unless chains ``first..first+n-1`` are in ``batch`` and
+    every per-chain array has at least ``n`` entries (the C core trusts both)."""
+    if first < 0 or n < 0 or first + n > batch.count:
+        raise ValueError(f"chains [{first}, +{n}) are not in a batch of {batch.count}")
+    for a in arrays:
+        if len(a) < n:
+            raise ValueError(f"a per-chain array has {len(a)} entries, {n} needed")
+
+
+def _iov(mem: GuestMemory, batch: Any, d0: int, d1: int, skip: int, want: int) -> list[memoryview] | None:
+    """The views of ``want`` bytes of descriptors [d0, d1) after ``skip``, or None."""
+    out: list[memoryview] = []
+    addrs, lens = batch.addr, batch.len
+    for j in range(d0, d1):
+        if not want:
+            break
+        ln = lens[j]
+        if skip >= ln:
+            skip -= ln
+            continue
+        take = min(ln - skip, want)
+        try:
+            out += mem.get_slices(addrs[j] + skip, take)
+        except GuestMemoryError:
+            return None
+        if len(out) > MAX_IOV:
+            return None
+        skip = 0
+        want -= take
+    return None if want else out
+
+
+def _transfer(fd: int, write: bool, views: list[memoryview], off: int) -> int:
+    """pwritev/preadv all of ``views`` at ``off`` (short transfers retried): 0 or errno."""
+    while views:
+        try:
+            got = os.pwritev(fd, views, off) if write else os.preadv(fd, views, off)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        if got == 0:
+            return errno.EIO if write else errno.ENODATA
+        off += got
+        while views and got >= views[0].nbytes:
+            got -= views[0].nbytes
+            views = views[1:]
+        if views and got:
+            views[0] = views[0][got:]
+    return 0
+
+
+def _one_chain(mem: GuestMemory, b: Any, i: int, fd: int, op: int, off: int, skip: int, tail: int,
+               ok: int, err: int, lens: Any, k: int) -> int:
+    d0 = b.desc_start[i]
+    dw, d1 = d0 + b.nread[i], d0 + b.ndesc[i]
+    wbytes, rbytes = b.write_bytes[i], b.read_bytes[i]
+    status = None
+    for j in range(d1 - 1, dw - 1, -1):
+        if b.len[j]:
+            status = _region_view(mem, b.addr[j] + b.len[j] - 1, 1)
+            break
+    if wbytes < tail or wbytes > 0xFFFFFFFF or (tail and status is None):
+        lens[k] = 0
+        return errno.EINVAL
+    lens[k] = wbytes
+    if op == IO_READ:
+        views = _iov(mem, b, dw, d1, 0, wbytes - tail)
+    else:
+        views = None if rbytes < skip else _iov(mem, b, d0, dw, skip, rbytes - skip)
+    rc = errno.EFAULT if views is None else _transfer(fd, op == IO_WRITE, views, off)
+    if tail:
+        assert status is not None
+        status[0] = err if rc else ok
+    return rc
+
+
+def _publish(st: QueueState, mem: GuestMemory, b: Any, start: int, n: int, lens: Any, k0: int, call_fd: int) -> int:
+    """Log, add_used and maybe notify chains start..start+n-1 (lens from lens[k0]):
+    -code, or 1 if notified, else 0."""
+    ln = [lens[k0 + k] for k in range(n)]
+    dlog = st.log
+    if dlog is not None:
+        for k in range(n):
+            i = start + k
+            d0 = b.desc_start[i]
+            left = ln[k]
+            for j in range(d0 + b.nread[i], d0 + b.ndesc[i]):
+                if not left:
+                    break
+                take = min(b.len[j], left)
+                dlog.mark(b.addr[j], take)
+                left -= take
+    rc = add_used_batch(st, mem, list(b.head[start:start + n]), ln, list(b.slots[start:start + n]), n)
+    if rc < 0:
+        return rc
+    if call_fd >= 0 and needs_notification(st, mem) == 1:
+        try:
+            os.write(call_fd, _SIGNAL)
+        except BlockingIOError:
+            pass  # a signal is pending already
+        return 1
+    return 0
+
+
+def chain_io(st: QueueState | None, mem: GuestMemory, batch: ChainBatch, first: int, n: int, fd: int, ops: Any,
+             offsets: Any, skip: int, tail: int, ok: int, err: int, lens: Any, errs: Any, every: int,
+             call_fd: int) -> int:
+    """Vectored file I/O for chains ``first..first+n-1`` of ``batch``, their status
+    bytes, and (with ``st``) their dirty-log marks and used entries, published
+    every ``every`` chains with a notification when needed (contract: ring.h
+    ``vu_chain_io``).  Returns the notifications sent, or -ErrorCode."""
+    check_io_args(batch, first, n, ops, offsets, lens, errs)
+    notified = done = 0
+    if every <= 0:
+        every = n if n else 1
+    for k in range(n):
+        op = ops[k]
+        errs[k] = 0
+        if op == IO_READ or op == IO_WRITE:
+            errs[k] = _one_chain(mem, batch, first + k, fd, op, offsets[k], skip, tail, ok, err, lens, k)
+        elif op != IO_NONE:
+            errs[k] = errno.EINVAL
+        if st is not None and k + 1 - done >= every:
+            rc = _publish(st, mem, batch, first + done, k + 1 - done, lens, done, call_fd)
+            if rc < 0:
+                return rc
+            notified += rc
+            done = k + 1
+    if st is not None and done < n:
+        rc = _publish(st, mem, batch, first + done, n - done, lens, done, call_fd)
+        if rc < 0:
+            return rc
+        notified += rc
+    return notified
+
+
+def chain_heads(mem: GuestMemory, batch: ChainBatch, first: int, n: int, hlen: int) -> tuple[bytes, list[int], list[int]]:
+    """The first ``hlen`` readable bytes of chains ``first..first+n-1`` as one flat
+    buffer (each zero-filled when shorter), with their readable and writable byte
+    counts."""
+    check_io_args(batch, first, n)
+    out = bytearray(n * hlen)
+    rb = batch.read_bytes
+    for k in range(n):
+        i = first + k
+        try:
+            data = gather(mem, batch.addr, batch.len, batch.desc_start[i], batch.nread[i], 0, min(rb[i], hlen))
+        except GuestMemoryError:
+            continue
+        out[k * hlen : k * hlen + len(data)] = data
+    return bytes(out), list(rb[first:first + n]), list(batch.write_bytes[first:first + n])

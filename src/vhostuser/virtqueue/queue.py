@@ -15,6 +15,7 @@ from .inflight import _RING_DESC, PackedInflight, RingDescriptor, SplitInflight,
 from .chain import DescriptorChain
 from .defs import MAX_QUEUE_SIZE, Layout
 from .errcodes import BREAKS_QUEUE, ErrorCode, make_error
+from .iobatch import IoBatch
 
 __all__ = ["Queue", "UsedEntry"]
 
@@ -521,6 +522,85 @@ class Queue:
         if rc < 0:
             self._raise(rc)
         return True
+
+    # -------------------------------------------------------------- batch I/O
+    @staticmethod
+    def _runs(chains: list[DescriptorChain]) -> Iterator[tuple[Any, int, int, int]]:
+        """``(batch, first index in it, count, position in chains)`` for each run
+        of consecutive chains of one pop (one run for a plain pop)."""
+        k = 0
+        n = len(chains)
+        while k < n:
+            c = chains[k]
+            b, i0 = c._b, c._i
+            m = k + 1
+            while m < n and chains[m]._b is b and chains[m]._i == i0 + (m - k):
+                m += 1
+            yield b, i0, m - k, k
+            k = m
+
+    def pop_io_batch(self, max_chains: int, header_len: int) -> IoBatch | None:
+        """Pop up to ``max_chains`` chains (as :meth:`pop_batch`) with the first
+        ``header_len`` readable bytes of each in one flat buffer; None if none."""
+        chains = self.pop_batch(max_chains)
+        if not chains:
+            return None
+        mem = self._memory()
+        heads = self._core.chain_heads
+        parts = [heads(mem, b, i0, cnt, header_len) for b, i0, cnt, _ in self._runs(chains)]
+        if len(parts) == 1:
+            h, rd, wr = parts[0]
+        else:
+            h = b"".join(p[0] for p in parts)
+            rd = [x for p in parts for x in p[1]]
+            wr = [x for p in parts for x in p[2]]
+        return IoBatch(chains, header_len, h, rd, wr)
+
+    def complete_io(self, iob: IoBatch, fd: int, ops: Any, offsets: Any, lens: Any, *, skip: int, tail: int = 1,
+                    ok: int = 0, err: int = 1, every: int = 0, call_fd: int = -1) -> array:
+        """Finish every chain of ``iob`` in one ring-core call per pop.
+
+        Per chain ``k``: ``ops[k]`` (an :class:`~.iobatch.IoOp`, u8 array),
+        ``offsets[k]`` (file offset, u64 array), ``lens[k]`` (u32 array: the used
+        length of an ``IoOp.NONE`` chain; set to the writable byte count for the
+        others).  READ fills the writable bytes before the ``tail`` status bytes
+        from ``fd``; WRITE writes the readable bytes after ``skip`` to ``fd``; then
+        the chain's last writable byte becomes ``ok`` or ``err``.  All chains are
+        then used (the written bytes marked in the dirty log), published every
+        ``every`` chains (0: once) with a notification through ``call_fd`` when
+        the driver wants one (-1: the caller notifies).  Returns the per-chain
+        errno (0: done) as an ``array('i')``.  Queue errors raise as in
+        :meth:`add_used_batch`."""
+        chains = iob.chains
+        n = len(chains)
+        errs = array("i", bytes(4 * n))
+        mem = self._memory()
+        dlog = self._log
+        if dlog is None:
+            dlog = mem.dirty_log
+        st = self._st
+        st.log = dlog
+        in_core = self._inflight is None  # else the tracker sees the used entries (add_used_batch)
+        chain_io = self._core.chain_io
+        views: tuple[Any, ...] | None = None
+        o: Any
+        of: Any
+        ln: Any
+        er: Any
+        for b, i0, cnt, k in self._runs(chains):
+            if cnt == n:
+                o, of, ln, er = ops, offsets, lens, errs
+            else:
+                if views is None:
+                    views = tuple(memoryview(a) for a in (ops, offsets, lens, errs))
+                o, of, ln, er = (v[k:k + cnt] for v in views)
+            rc = chain_io(st if in_core else None, mem, b, i0, cnt, fd, o, of, skip, tail, ok, err, ln, er,
+                          every, call_fd if in_core else -1)
+            if rc < 0:
+                self._raise(rc)
+        if not in_core:
+            self.add_used_batch([(c, lens[k]) for k, c in enumerate(chains)])
+        return errs
 
     # ------------------------------------------------------- inflight I/O
     def set_inflight(self, tracker: SplitInflight | PackedInflight | None) -> None:
