@@ -70,7 +70,8 @@ CASES = {
         Case("randread-4k-qd16x2q", 4096, 16, queues=2),
     )
 }
-BACKENDS = ("qsd", "native", "python")
+#: "-poll": vhostuser blk with adaptive polling on (--poll-ns, default 50 us)
+BACKENDS = ("qsd", "native", "python", "native-poll")
 
 
 class BenchQueue(ctypes.Structure):
@@ -138,8 +139,9 @@ class Backend:
 
 
 @contextlib.contextmanager
-def start_backend(name: str, image: Path, workdir: Path, queues: int, poll_ns: int = 0) -> Iterator[Backend]:
-    """Start back-end ``name`` (qsd / native / python) serving ``image`` with ``queues`` queues."""
+def start_backend(name: str, image: Path, workdir: Path, queues: int, poll_ns: int = 50_000) -> Iterator[Backend]:
+    """Start back-end ``name`` (one of :data:`BACKENDS`) serving ``image`` with
+    ``queues`` queues (``poll_ns``: the polling window of the "-poll" ones)."""
     sock = workdir / f"{name}.sock"
     if name == "qsd":
         binary = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
@@ -158,10 +160,11 @@ def start_backend(name: str, image: Path, workdir: Path, queues: int, poll_ns: i
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return
-    env = dict(os.environ, VHOSTUSER_IMPL=name)
+    impl, _, variant = name.partition("-")
+    env = dict(os.environ, VHOSTUSER_IMPL=impl)
     cmd = [sys.executable, "-m", "vhostuser", "blk", "--socket-path", str(sock), "--blk-file", str(image),
            "--no-lock", "--num-queues", str(queues)]
-    if poll_ns:
+    if variant == "poll":
         cmd += ["--poll-ns", str(poll_ns)]
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -267,7 +270,7 @@ def summarize(results: list[Result], backends: list[str], cases: list[str]) -> s
             if rs:
                 med[c, b] = {k: statistics.median(getattr(r, k) for r in rs)
                              for k in ("iops", "mbps", "latency_us", "cpu_us_per_req", "completions_per_irq")}
-    lines = [f"{'case':<22}{'back-end':<9}{'IOPS':>10}{'MB/s':>9}{'lat us':>9}{'CPU us/req':>12}"
+    lines = [f"{'case':<22}{'back-end':<12}{'IOPS':>10}{'MB/s':>9}{'lat us':>9}{'CPU us/req':>12}"
              f"{'compl/irq':>11}{'IOPS/qsd':>10}{'lat/qsd':>9}{'CPU/qsd':>9}"]
     for c in cases:
         ref = med.get((c, "qsd"))
@@ -279,7 +282,7 @@ def summarize(results: list[Result], backends: list[str], cases: list[str]) -> s
             if ref:
                 ratios = (f"{m['iops'] / ref['iops']:>10.2f}{m['latency_us'] / ref['latency_us']:>9.2f}"
                           f"{m['cpu_us_per_req'] / ref['cpu_us_per_req'] if ref['cpu_us_per_req'] else 0:>9.2f}")
-            lines.append(f"{c:<22}{b:<9}{m['iops']:>10,.0f}{m['mbps']:>9.1f}{m['latency_us']:>9.1f}"
+            lines.append(f"{c:<22}{b:<12}{m['iops']:>10,.0f}{m['mbps']:>9.1f}{m['latency_us']:>9.1f}"
                          f"{m['cpu_us_per_req']:>12.2f}{m['completions_per_irq']:>11.1f}{ratios}")
     return "\n".join(lines)
 
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mib", type=int, default=256, help="image size in MiB (default 256)")
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {','.join(CASES)}")
-    ap.add_argument("--poll-ns", type=int, default=0, help="also pass --poll-ns N to vhostuser blk")
+    ap.add_argument("--poll-ns", type=int, default=50_000, help="--poll-ns of the *-poll back-ends (default 50000)")
     ap.add_argument("--max-requests", type=int, default=0, help="stop each run after N requests per queue")
     ap.add_argument("--quick", action="store_true", help="1 round of 0.5 s")
     ap.add_argument("--json", metavar="PATH", help="write every result as JSON")
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     cases = [c for c in args.cases.split(",") if c]
     for b in backends:
-        if b not in BACKENDS:
+        if b not in (*BACKENDS, "python-poll"):
             ap.error(f"unknown back-end {b}")
     for c in cases:
         if c not in CASES:
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                     for b in order:
                         r = run_case(lib, running[b], CASES[c], image_bytes, args.seconds, args.max_requests)
                         results.append(r)
-                        print(f"round {rnd + 1} {c:<22} {b:<7} {r.iops:>10,.0f} IOPS {r.latency_us:>8.1f} us "
+                        print(f"round {rnd + 1} {c:<22} {b:<11} {r.iops:>10,.0f} IOPS {r.latency_us:>8.1f} us "
                               f"{r.cpu_us_per_req:>7.2f} CPU us/req {r.completions_per_irq:>5.1f} compl/irq"
                               + (f"  BAD status {r.bad_status} data {r.bad_data}" if r.bad_status or r.bad_data
                                  else ""), flush=True)

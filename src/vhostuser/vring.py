@@ -205,6 +205,10 @@ class VringState:
     def needs_notification(self) -> bool:
         return self._running_queue().needs_notification()
 
+    def poll(self, ns: int) -> bool:
+        """Busy-poll up to ``ns`` nanoseconds for available buffers (:meth:`Queue.poll`)."""
+        return self._running_queue().poll(ns)
+
     def pop_io_batch(self, max_chains: int, header_len: int) -> IoBatch | None:
         """Up to ``max_chains`` chains with their headers (:meth:`Queue.pop_io_batch`)."""
         return self._running_queue().pop_io_batch(max_chains, header_len)

@@ -10,11 +10,13 @@
  * SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
  */
 #define _DEFAULT_SOURCE
+#define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <limits.h>
 #include <string.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ring.h"
@@ -213,4 +215,25 @@ int vu_chain_heads(const struct vu_mem_table *m, const struct vu_chain_batch *b,
         memset(dst + got, 0, (size_t)(hlen - (uint64_t)got));
     }
     return 0;
+}
+
+/* Busy-poll the avail ring for up to ns nanoseconds (GIL released by cffi):
+   1 as soon as vu_queue_avail_pending says buffers are there, 0 at the end of
+   the window, or its -ErrorCode. */
+int vu_queue_poll(struct vu_queue *q, const struct vu_mem_table *m, uint64_t ns)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        int rc = vu_queue_avail_pending(q, m);
+        if (rc != 0)
+            return rc > 0 ? 1 : rc;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        uint64_t el = (uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)t.tv_nsec - (uint64_t)t0.tv_nsec;
+        if (el >= ns)
+            return 0;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
 }

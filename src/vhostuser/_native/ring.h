@@ -139,6 +139,9 @@ int vu_chain_io(struct vu_queue *q, const struct vu_mem_table *mem, const struct
                 uint8_t ok, uint8_t err, uint32_t *lens, int32_t *errs, uint32_t every, int call_fd);
 int vu_chain_heads(const struct vu_mem_table *mem, const struct vu_chain_batch *b, uint32_t first, uint32_t n,
                    uint32_t hlen, uint8_t *out);
+/* Busy-poll (adaptive polling) for up to ns: 1 when buffers are available,
+   0 when the window ended, or -ErrorCode (vu_queue_avail_pending's). */
+int vu_queue_poll(struct vu_queue *q, const struct vu_mem_table *mem, uint64_t ns);
 /* CDEF-END */
 
 /* Index of the last region with gpa <= addr, or -1 (shared by ring.c and chainio.c). */

@@ -47,6 +47,7 @@ __all__ = [
     "scatter",
     "chain_io",
     "chain_heads",
+    "poll",
     "IO_NONE",
     "IO_READ",
     "IO_WRITE",
@@ -92,6 +93,7 @@ _lib_gather = lib.vu_gather
 _lib_scatter = lib.vu_scatter
 _lib_chain_io = lib.vu_chain_io
 _lib_chain_heads = lib.vu_chain_heads
+_lib_poll = lib.vu_queue_poll
 
 
 def _closed() -> GuestMemoryError:
@@ -595,3 +597,8 @@ def chain_heads(mem: GuestMemory, batch: Any, first: int, n: int, hlen: int) -> 
     rb: Any = batch.read_bytes
     wb: Any = batch.write_bytes
     return _unpack(_cast("char *", out), n * hlen), _unpack(rb + first, n), _unpack(wb + first, n)
+
+
+def poll(st: QueueState, mem: GuestMemory, ns: int) -> int:
+    """Busy-poll for available buffers for up to ``ns`` ns without the GIL (see _pycore.poll)."""
+    return _lib_poll(st._q, _NULL, max(ns, 0))  # type: ignore[no-any-return]

@@ -14,6 +14,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from typing import Any
 
 from ..errors import GuestMemoryError
@@ -51,6 +52,7 @@ __all__ = [
     "scatter",
     "chain_io",
     "chain_heads",
+    "poll",
     "IO_NONE",
     "IO_READ",
     "IO_WRITE",
@@ -818,3 +820,17 @@ def chain_heads(mem: GuestMemory, batch: ChainBatch, first: int, n: int, hlen: i
             continue
         out[k * hlen : k * hlen + len(data)] = data
     return bytes(out), list(rb[first:first + n]), list(batch.write_bytes[first:first + n])
+
+
+def poll(st: QueueState, mem: GuestMemory, ns: int) -> int:
+    """Busy-poll :func:`avail_pending` for up to ``ns`` nanoseconds: 1 as soon
+    as buffers are available, 0 when the window ended, or -ErrorCode.  (Here
+    the GIL is let go between checks; the C core spins without it.)"""
+    end = time.perf_counter_ns() + ns
+    while True:
+        rc = avail_pending(st, mem)
+        if rc:
+            return 1 if rc > 0 else rc
+        if time.perf_counter_ns() >= end:
+            return 0
+        time.sleep(0)

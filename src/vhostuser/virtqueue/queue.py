@@ -379,6 +379,17 @@ class Queue:
                 return
             yield from chains
 
+    def poll(self, ns: int) -> bool:
+        """Busy-poll up to ``ns`` nanoseconds for available buffers (adaptive
+        polling, before :meth:`enable_notification` and sleeping); True as soon
+        as some are there.  The C core spins without the GIL."""
+        if self._resubmit:
+            return True
+        rc = self._core.poll(self._st, self._memory(), ns)
+        if rc < 0:
+            self._raise(rc)
+        return rc > 0
+
     def has_available(self) -> bool:
         """True if at least one chain is available to pop (no validation)."""
         rc = self._core.avail_pending(self._st, self._memory())
