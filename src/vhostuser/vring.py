@@ -222,7 +222,8 @@ class VringState:
         call_fd = self.call.fileno() if self.call is not None else -1
         errs = queue.complete_io(iob, fd, ops, offsets, lens, skip=skip, tail=tail, ok=ok, err=err, every=every,
                                  call_fd=call_fd)
-        self.signal_used_queue()
+        if call_fd < 0 or not queue.notifies_in_core:
+            self.signal_used_queue()
         return errs
 
     def signal_used_queue(self) -> bool:

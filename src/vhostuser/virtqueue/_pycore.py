@@ -691,10 +691,14 @@ def _iov(mem: GuestMemory, batch: Any, d0: int, d1: int, skip: int, want: int) -
             skip -= ln
             continue
         take = min(ln - skip, want)
-        try:
-            out += mem.get_slices(addrs[j] + skip, take)
-        except GuestMemoryError:
-            return None
+        view = _region_view(mem, addrs[j] + skip, take)  # the common case: one region
+        if view is not None:
+            out.append(view)
+        else:
+            try:
+                out += mem.get_slices(addrs[j] + skip, take)
+            except GuestMemoryError:
+                return None
         if len(out) > MAX_IOV:
             return None
         skip = 0
@@ -812,10 +816,18 @@ def chain_heads(mem: GuestMemory, batch: ChainBatch, first: int, n: int, hlen: i
     check_io_args(batch, first, n)
     out = bytearray(n * hlen)
     rb = batch.read_bytes
+    addrs, lens = batch.addr, batch.len
     for k in range(n):
         i = first + k
+        want = min(rb[i], hlen)
+        d0 = batch.desc_start[i]
+        if want and batch.nread[i] and lens[d0] >= want:  # the common case: one descriptor, one region
+            view = _region_view(mem, addrs[d0], want)
+            if view is not None:
+                out[k * hlen : k * hlen + want] = view
+                continue
         try:
-            data = gather(mem, batch.addr, batch.len, batch.desc_start[i], batch.nread[i], 0, min(rb[i], hlen))
+            data = gather(mem, addrs, lens, d0, batch.nread[i], 0, want)
         except GuestMemoryError:
             continue
         out[k * hlen : k * hlen + len(data)] = data

@@ -539,8 +539,12 @@ class Queue:
     def _runs(chains: list[DescriptorChain]) -> Iterator[tuple[Any, int, int, int]]:
         """``(batch, first index in it, count, position in chains)`` for each run
         of consecutive chains of one pop (one run for a plain pop)."""
-        k = 0
         n = len(chains)
+        c0, cl = chains[0], chains[-1]
+        if cl._b is c0._b and cl._i - c0._i == n - 1:  # one pop, in order: the usual case
+            yield c0._b, c0._i, n, 0
+            return
+        k = 0
         while k < n:
             c = chains[k]
             b, i0 = c._b, c._i
@@ -612,6 +616,12 @@ class Queue:
         if not in_core:
             self.add_used_batch([(c, lens[k]) for k, c in enumerate(chains)])
         return errs
+
+    @property
+    def notifies_in_core(self) -> bool:
+        """Whether :meth:`complete_io` given a call fd notifies the driver itself
+        (no inflight region to update around the used entries)."""
+        return self._inflight is None
 
     # ------------------------------------------------------- inflight I/O
     def set_inflight(self, tracker: SplitInflight | PackedInflight | None) -> None:

@@ -192,6 +192,8 @@ class BlkBackend(VhostUserBackend):
                                              err=Status.IOERR, every=SUB_BATCH)
                     engine.finish(ops, errs)
                     total += len(iob.chains)
+                    if len(iob.chains) < BATCH:
+                        break  # the ring was drained: enable_notification below tells if more came
             else:
                 while chains := vring.pop_batch(BATCH):
                     vring.add_used_batch([(chain, engine.process(chain)) for chain in chains])
