@@ -70,7 +70,7 @@ CASES = {
         Case("randread-4k-qd16x2q", 4096, 16, queues=2),
     )
 }
-#: "-poll": vhostuser blk with adaptive polling on (--poll-ns, default 50 us)
+#: "-poll": vhostuser blk with polling on (--poll-ns, default 200 us)
 BACKENDS = ("qsd", "native", "python", "native-poll")
 
 
@@ -139,7 +139,7 @@ class Backend:
 
 
 @contextlib.contextmanager
-def start_backend(name: str, image: Path, workdir: Path, queues: int, poll_ns: int = 50_000) -> Iterator[Backend]:
+def start_backend(name: str, image: Path, workdir: Path, queues: int, poll_ns: int = 200_000) -> Iterator[Backend]:
     """Start back-end ``name`` (one of :data:`BACKENDS`) serving ``image`` with
     ``queues`` queues (``poll_ns``: the polling window of the "-poll" ones)."""
     sock = workdir / f"{name}.sock"
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mib", type=int, default=256, help="image size in MiB (default 256)")
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {','.join(CASES)}")
-    ap.add_argument("--poll-ns", type=int, default=50_000, help="--poll-ns of the *-poll back-ends (default 50000)")
+    ap.add_argument("--poll-ns", type=int, default=200_000, help="--poll-ns of the *-poll back-ends (default 200000)")
     ap.add_argument("--max-requests", type=int, default=0, help="stop each run after N requests per queue")
     ap.add_argument("--quick", action="store_true", help="1 round of 0.5 s")
     ap.add_argument("--json", metavar="PATH", help="write every result as JSON")
