@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 import struct
 from array import array
 from pathlib import Path
@@ -146,7 +147,8 @@ def _plan(iob: Any) -> tuple[bytearray, array, array]:
     return ops, offs, array("I", bytes(4 * n))
 
 
-def test_reads_mark_exactly_the_pages_they_wrote(image: int) -> None:
+@pytest.mark.parametrize("helper", [False, True], ids=["one-thread", "helper-thread"])
+def test_reads_mark_exactly_the_pages_they_wrote(image: int, helper: bool) -> None:
     dlog = DirtyLog.anonymous(32)
     with GuestMemory.anonymous([(0, 1 << 20)]) as mem:
         driver = RingDriver.create(mem, 64, data_gpa=0x40000, data_size=0x80000)
@@ -158,7 +160,13 @@ def test_reads_mark_exactly_the_pages_they_wrote(image: int) -> None:
         assert iob is not None and len(iob) == 4
         assert [HDR.unpack_from(iob.headers, 16 * k)[2] for k in range(4)] == [0, 8, 16, 24]
         ops, offs, lens = _plan(iob)
-        errs = q.complete_io(iob, image, ops, offs, lens, skip=16, every=2)
+        call, call_peer = new_event_consumer_and_notifier()
+        with ThreadPoolExecutor(1) as pool:
+            errs = q.complete_io(iob, image, ops, offs, lens, skip=16, every=2, call_fd=call_peer.fileno(),
+                                 helper=pool if helper else None)
+        assert call.consume()  # no EVENT_IDX, interrupts enabled: notified
+        call.close()
+        call_peer.close()
         assert list(errs) == [0] * 4 and list(lens) == [sum(s) + 1 for s in sizes]
         used = dict(driver.get_used())
         expected_pages: set[int] = set()
@@ -201,3 +209,19 @@ def test_inflight_region_stays_exact_and_resubmits_use_the_batch_path(image: int
         q3.set_vring_base(3)
         q3.set_inflight(SplitInflight(memoryview(region), 16))
         assert q3.resubmit_inflight() == 0  # nothing left in flight
+
+
+def test_poll_c_equals_python() -> None:
+    with twin() as t:
+        _desc_gpa, drv_gpa, _ = _split(t, 8)
+        assert t.both(lambda k, core, s, mem: core.poll(s, mem, 20_000)) == 0  # the window ends
+        _publish_split(t, drv_gpa, 8, 0, [0])
+        assert t.both(lambda k, core, s, mem: core.poll(s, mem, 10**12)) == 1  # at once, not after 1000 s
+        t.write(drv_gpa + 2, struct.pack("<H", 100))  # an avail index 100 ahead of a ring of 8
+        assert t.both(lambda k, core, s, mem: core.poll(s, mem, 0)) == 1  # as avail_pending: no validation
+
+        def unready(k: int, core: Any, s: Any, mem: GuestMemory) -> int:
+            s.ready = False
+            return core.poll(s, mem, 1000)  # type: ignore[no-any-return]
+
+        assert t.both(unready) < 0  # NOT_READY, as avail_pending

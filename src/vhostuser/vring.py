@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import QueueError
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     from .backend_channel import BackendChannel
     from .memory import GuestMemory
     from .virtqueue import DescriptorChain, Queue
@@ -214,14 +216,14 @@ class VringState:
         return self._running_queue().pop_io_batch(max_chains, header_len)
 
     def complete_io(self, iob: IoBatch, fd: int, ops: Any, offsets: Any, lens: Any, *, skip: int, tail: int = 1,
-                    ok: int = 0, err: int = 1, every: int = 0) -> array:
+                    ok: int = 0, err: int = 1, every: int = 0, helper: Executor | None = None) -> array:
         """:meth:`Queue.complete_io`, notifying the driver through the call fd
         after each published sub-batch that needs it (then once more if
         anything is left to signal, e.g. in-band).  Returns the per-chain errnos."""
         queue = self._running_queue()
         call_fd = self.call.fileno() if self.call is not None else -1
         errs = queue.complete_io(iob, fd, ops, offsets, lens, skip=skip, tail=tail, ok=ok, err=err, every=every,
-                                 call_fd=call_fd)
+                                 call_fd=call_fd, helper=helper)
         if call_fd < 0 or not queue.notifies_in_core:
             self.signal_used_queue()
         return errs

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from array import array
 from functools import partial
 from itertools import repeat
@@ -572,7 +573,8 @@ class Queue:
         return IoBatch(chains, header_len, h, rd, wr)
 
     def complete_io(self, iob: IoBatch, fd: int, ops: Any, offsets: Any, lens: Any, *, skip: int, tail: int = 1,
-                    ok: int = 0, err: int = 1, every: int = 0, call_fd: int = -1) -> array:
+                    ok: int = 0, err: int = 1, every: int = 0, call_fd: int = -1,
+                    helper: Executor | None = None) -> array:
         """Finish every chain of ``iob`` in one ring-core call per pop.
 
         Per chain ``k``: ``ops[k]`` (an :class:`~.iobatch.IoOp`, u8 array),
@@ -585,7 +587,12 @@ class Queue:
         ``every`` chains (0: once) with a notification through ``call_fd`` when
         the driver wants one (-1: the caller notifies).  Returns the per-chain
         errno (0: done) as an ``array('i')``.  Queue errors raise as in
-        :meth:`add_used_batch`."""
+        :meth:`add_used_batch`.
+
+        ``helper`` (an executor, e.g. one thread): the I/O of the second half of
+        the batch runs there while this thread does the first half and
+        publishes it (the core calls release the GIL); the second half is
+        published when both are done.  Worth it for large transfers only."""
         chains = iob.chains
         n = len(chains)
         errs = array("i", bytes(4 * n))
@@ -597,6 +604,12 @@ class Queue:
         st.log = dlog
         in_core = self._inflight is None  # else the tracker sees the used entries (add_used_batch)
         chain_io = self._core.chain_io
+        if helper is not None and in_core and len(chains) >= 2:
+            runs = list(self._runs(chains))
+            if len(runs) == 1:
+                self._complete_split(runs[0][0], runs[0][1], n, fd, ops, offsets, lens, errs, skip, tail, ok, err,
+                                     every, call_fd, helper)
+                return errs
         views: tuple[Any, ...] | None = None
         o: Any
         of: Any
@@ -616,6 +629,26 @@ class Queue:
         if not in_core:
             self.add_used_batch([(c, lens[k]) for k, c in enumerate(chains)])
         return errs
+
+    def _complete_split(self, b: Any, i0: int, n: int, fd: int, ops: Any, offsets: Any, lens: Any, errs: array,
+                        skip: int, tail: int, ok: int, err: int, every: int, call_fd: int, helper: Executor) -> None:
+        """complete_io of one pop's chains in two halves, the second's I/O on ``helper``."""
+        mem = self._memory()
+        st = self._st
+        chain_io = self._core.chain_io
+        h = n // 2
+        vo, vof, vln, ver = (memoryview(a) for a in (ops, offsets, lens, errs))
+        second = helper.submit(chain_io, None, mem, b, i0 + h, n - h, fd, vo[h:n], vof[h:n], skip, tail, ok, err,
+                               vln[h:n], ver[h:n], 0, -1)
+        rc = chain_io(st, mem, b, i0, h, fd, vo[:h], vof[:h], skip, tail, ok, err, vln[:h], ver[:h], every, call_fd)
+        second.result()  # its errors are per chain, in errs
+        if rc < 0:
+            self._raise(rc)
+        # publish the second half: nothing to do but the used entries, the log and the call
+        rc = chain_io(st, mem, b, i0 + h, n - h, fd, bytes(n - h), vof[h:n], skip, tail, ok, err, vln[h:n],
+                      array("i", bytes(4 * (n - h))), every, call_fd)
+        if rc < 0:
+            self._raise(rc)
 
     @property
     def notifies_in_core(self) -> bool:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 
 from ...backend import VhostUserBackend
@@ -35,6 +37,9 @@ BATCH = 64
 #: the batch path publishes used entries (and notifies, EVENT_IDX permitting)
 #: every this many requests, so the driver refills the ring while the rest runs
 SUB_BATCH = 8
+#: a batch moving at least this many bytes does half of its I/O on a helper
+#: thread (the copies then run on two CPUs)
+HELPER_MIN_BYTES = 256 * 1024
 
 
 class BlkBackend(VhostUserBackend):
@@ -79,6 +84,8 @@ class BlkBackend(VhostUserBackend):
         #: adaptive polling: busy-poll a queue this long after it ran dry before
         #: sleeping on its kick (0: off)
         self.poll_ns = poll_ns
+        self._helper: ThreadPoolExecutor | None = None
+        self._helper_lock = threading.Lock()
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be in 1..65535, not {num_queues}")
         if not 2 < queue_size <= 32768:
@@ -187,9 +194,10 @@ class BlkBackend(VhostUserBackend):
             vring.disable_notification()
             if fast:
                 while iob := vring.pop_io_batch(BATCH, OUTHDR.size):
-                    ops, offsets, lens = engine.plan(iob)
+                    ops, offsets, lens, nbytes = engine.plan(iob)
+                    helper = self._io_helper() if nbytes >= HELPER_MIN_BYTES else None
                     errs = vring.complete_io(iob, fd, ops, offsets, lens, skip=OUTHDR.size, ok=Status.OK,
-                                             err=Status.IOERR, every=SUB_BATCH)
+                                             err=Status.IOERR, every=SUB_BATCH, helper=helper)
                     engine.finish(ops, errs)
                     total += len(iob.chains)
                     if len(iob.chains) < BATCH:
@@ -205,8 +213,21 @@ class BlkBackend(VhostUserBackend):
                 self.requests_served[vring.index] += total
                 return total
 
+    def _io_helper(self) -> ThreadPoolExecutor:
+        """The helper threads of large batches (one per queue, started on first use)."""
+        pool = self._helper
+        if pool is None:
+            with self._helper_lock:
+                pool = self._helper
+                if pool is None:
+                    pool = self._helper = ThreadPoolExecutor(self.num_queues, thread_name_prefix="blk-io")
+        return pool
+
     # -------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Close the image if this backend opened it."""
+        """Close the image if this backend opened it; stop the helper threads."""
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
         if self._owns_image:
             self.image.close()

@@ -298,10 +298,11 @@ class BlkRequestEngine:
         return writable
 
     # ------------------------------------------------------------ batch path
-    def plan(self, iob: Any) -> tuple[bytearray, array, array]:
+    def plan(self, iob: Any) -> tuple[bytearray, array, array, int]:
         """The batch path's policy for an :class:`~vhostuser.virtqueue.IoBatch`
-        popped with 16-byte headers: ``(ops, offsets, lens)`` for
-        :meth:`VringState.complete_io <vhostuser.vring.VringState.complete_io>`.
+        popped with 16-byte headers: ``(ops, offsets, lens, data bytes)`` for
+        :meth:`VringState.complete_io <vhostuser.vring.VringState.complete_io>`
+        (the last: how many bytes the ring core will transfer).
 
         Plain reads and writes (whole sectors inside the disk, a status byte,
         a writable disk in write-back mode for writes) become ``IoOp.READ`` /
@@ -347,7 +348,7 @@ class BlkRequestEngine:
         st.writes += writes
         st.bytes_read += nread
         st.bytes_written += nwritten
-        return ops, offsets, lens
+        return ops, offsets, lens, nread + nwritten
 
     def finish(self, ops: bytearray, errs: array) -> None:
         """Account for the batch path's failures (``errs``: per-chain errno from
