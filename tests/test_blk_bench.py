@@ -49,9 +49,10 @@ def test_every_case_completes_verified(lib, backend: blk_bench.Backend, case: st
     assert r.bad_status == 0 and r.bad_data == 0
     assert r.iops > 0 and r.latency_us > 0 and r.mbps > 0
     assert r.cpu_us_per_req >= 0
-    # an interrupt may be spurious (a signal left from the ring's start-up)
+    # an interrupt may be spurious (a signal left from the ring's start-up); one
+    # eventfd read may also collect several signals, so no upper bound per interrupt
     assert 1 <= r.interrupts <= r.completed + 2 * c.queues and r.kicks >= 1
-    assert 0.5 <= r.completions_per_irq <= c.qd * c.queues
+    assert r.completions_per_irq >= 0.5
 
 
 def test_wrong_data_is_caught_and_writes_land(lib, backend: blk_bench.Backend, image: Path) -> None:  # noqa: ANN001
