@@ -321,6 +321,8 @@ def _indirect_table(st: QueueState, mem: GuestMemory, addr: int, ln: int) -> tup
 
 
 def _pop_split(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBatch) -> int:
+    # _emit / _begin_chain / _end_chain inlined: this loop is the Python core's
+    # hottest (same checks, same order, same errors)
     size = st.size
     avail = st.driver_mv
     desc = st.desc_mv
@@ -333,44 +335,74 @@ def _pop_split(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBa
     inflight = st.inflight
     n = 0
     unpack = _DESC.unpack_from
+    head_at = _U16.unpack_from
+    b_addr, b_len, b_flags = batch.addr, batch.len, batch.flags
+    cap = batch.desc_cap
+    starts, ends = mem._starts, mem._ends
+    bisect_right = bisect.bisect_right
     while n < max_chains and pending:
         if inflight + 1 > size:
             return _fail(st, E.INFLIGHT, inflight + 1, size)
-        head = _U16.unpack_from(avail, 4 + 2 * (na % size))[0]
+        head = head_at(avail, 4 + 2 * (na % size))[0]
         if head >= size:
             return _fail(st, E.HEAD_INDEX, head, size)
-        start = _begin_chain(batch)
-        state = [0, 0, 0, head]  # total bytes, seen_write, nread, head
+        start = len(b_addr)
+        total = seen_write = nread = rbytes = 0
         table, entries, in_indirect = desc, size, False
         idx, count = head, 0
-        try:
-            while True:
-                addr, ln, flags, nxt = unpack(table, idx * DESC_SIZE)
-                if flags & VIRTQ_DESC_F_INDIRECT:
-                    if in_indirect:
-                        return _fail(st, E.INDIRECT_NESTED, idx)
-                    if count or flags & VIRTQ_DESC_F_NEXT:
-                        return _fail(st, E.INDIRECT_CHAINED, idx)
-                    entries, view = _indirect_table(st, mem, addr, ln)
-                    if view is None:
-                        return entries
-                    table, in_indirect, idx = view, True, 0
-                    continue
-                count += 1
-                if count > entries:
-                    return _fail(st, E.CHAIN_TOO_LONG, head, entries)
-                rc = _emit(st, mem, batch, state, addr, ln, flags & VIRTQ_DESC_F_WRITE, idx)
-                if rc:
-                    return rc
-                if not flags & VIRTQ_DESC_F_NEXT:
-                    break
-                idx = nxt
-                if idx >= entries:
-                    return _fail(st, E.DESC_INDEX, idx, entries)
-        except _NoRoom:
+        full = False
+        while True:
+            addr, ln, flags, nxt = unpack(table, idx * DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect:
+                    return _fail(st, E.INDIRECT_NESTED, idx)
+                if count or flags & VIRTQ_DESC_F_NEXT:
+                    return _fail(st, E.INDIRECT_CHAINED, idx)
+                entries, view = _indirect_table(st, mem, addr, ln)
+                if view is None:
+                    return entries
+                table, in_indirect, idx = view, True, 0
+                continue
+            count += 1
+            if count > entries:
+                return _fail(st, E.CHAIN_TOO_LONG, head, entries)
+            if ln == 0:
+                return _fail(st, E.DESC_ZERO_LEN, addr)
+            i = bisect_right(starts, addr) - 1
+            if addr + ln > 1 << 64 or not (i >= 0 and addr + ln <= ends[i] or mem.check_range(addr, ln)):
+                return _fail(st, E.DESC_ADDRESS, addr, ln)
+            writable = flags & VIRTQ_DESC_F_WRITE
+            if writable:
+                seen_write = 1
+            elif seen_write:
+                return _fail(st, E.DESC_ORDER, idx)
+            else:
+                nread += 1
+                rbytes += ln
+            total += ln
+            if total > MAX_CHAIN_BYTES:
+                return _fail(st, E.CHAIN_TOO_BIG, head)
+            if len(b_addr) >= cap:
+                full = True
+                break
+            b_addr.append(addr)
+            b_len.append(ln)
+            b_flags.append(VIRTQ_DESC_F_WRITE if writable else 0)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            idx = nxt
+            if idx >= entries:
+                return _fail(st, E.DESC_INDEX, idx, entries)
+        if full:
             _rollback(batch, start)
             break
-        _end_chain(batch, head, 1, start, state)
+        batch.head.append(head)
+        batch.slots.append(1)
+        batch.desc_start.append(start)
+        batch.ndesc.append(len(b_addr) - start)
+        batch.nread.append(nread)
+        batch.read_bytes.append(rbytes)
+        batch.write_bytes.append(total - rbytes)
         na = (na + 1) & 0xFFFF
         pending -= 1
         inflight += 1
