@@ -50,8 +50,9 @@ def test_every_case_completes_verified(lib, backend: blk_bench.Backend, case: st
     assert r.iops > 0 and r.latency_us > 0 and r.mbps > 0
     assert r.cpu_us_per_req >= 0
     # an interrupt may be spurious (a signal left from the ring's start-up); one
-    # eventfd read may also collect several signals, so no upper bound per interrupt
-    assert 1 <= r.interrupts <= r.completed + 2 * c.queues and r.kicks >= 1
+    # eventfd read may collect several signals, and a driver that finds its
+    # completions before it sleeps needs none at all
+    assert r.interrupts <= r.completed + 2 * c.queues and r.kicks >= 1
     assert r.completions_per_irq >= 0.5
 
 

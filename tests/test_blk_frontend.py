@@ -227,3 +227,4 @@ def test_batch_path_reports_io_errors(no_fd_leak, serve_backend, image_path: Pat
         while backend.engine.stats.errors == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert backend.engine.stats.errors == 1
+        assert backend.engine.stats.reads == 1 and backend.engine.stats.writes == 1

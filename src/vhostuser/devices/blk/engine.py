@@ -355,9 +355,14 @@ class BlkRequestEngine:
         ``complete_io``; those chains got ``IOERR``)."""
         if not any(errs):
             return
+        st = self.stats
         for op, e in zip(ops, errs):
             if e:
-                self.stats.errors += 1
+                st.errors += 1
+                if op == 1:  # plan() counted it as served
+                    st.reads -= 1
+                else:
+                    st.writes -= 1
                 log.warning("request failed with an I/O error (%s): %s", "read" if op == 1 else "write",
                             errno.errorcode.get(e, e))
 
