@@ -32,7 +32,11 @@ def image(lib, tmp_path: Path) -> Path:  # noqa: ANN001
     return path
 
 
-@pytest.fixture(params=["vhostuser", "vhostuser-poll", pytest.param("qsd", marks=pytest.mark.qsd)])
+#: qemu-storage-daemon does not depend on the implementation: driven in the native run only
+PEERS = ["vhostuser", "vhostuser-poll"] + ([pytest.param("qsd", marks=pytest.mark.qsd)] if _impl.IMPL == "native" else [])
+
+
+@pytest.fixture(params=PEERS)
 def backend(request: pytest.FixtureRequest, image: Path, tmp_path: Path) -> Iterator[blk_bench.Backend]:
     name = {"vhostuser": _impl.IMPL, "vhostuser-poll": f"{_impl.IMPL}-poll", "qsd": "qsd"}[request.param]
     if name == "qsd":
