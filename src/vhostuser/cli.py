@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
+    "scsi": ("vhostuser.devices.scsi", "virtio-scsi back-end (LUNs on image files)"),
 }
 
 
@@ -79,6 +80,10 @@ def vsock_main() -> int:
 
 def console_main() -> int:
     return _device_command("console")
+
+
+def scsi_main() -> int:
+    return _device_command("scsi")
 
 
 if __name__ == "__main__":
