@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers.procs import vhostuser_process, wait_for_path
 
 from vhostuser.devices.scsi import protocol as p
 from vhostuser.devices.scsi.device import LunSpec, ScsiBackend
@@ -19,7 +23,8 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 BLOCKS = SIZE // 512
 RESP = p.RESP_CMD.size
-OPTS = FrontendOptions(queue_size=128, device_features=int(p.ScsiFeature.HOTPLUG))
+#: QEMU 7.2's vhost-user-scsi-pci: 128 entries, HOTPLUG and CHANGE acked
+OPTS = FrontendOptions(queue_size=128, device_features=int(p.ScsiFeature.HOTPLUG | p.ScsiFeature.CHANGE))
 
 
 def blob(n: int, seed: int) -> bytes:
@@ -93,7 +98,7 @@ def fe(no_fd_leak, serve_backend, images: list[Path]):  # noqa: ANN001, ANN201
 
 def test_queues_and_features(fe: MockFrontend) -> None:
     assert fe.queue_num == 3  # control, event, one request queue
-    assert fe.acked_features & p.ScsiFeature.HOTPLUG
+    assert fe.acked_features & 0xF == p.ScsiFeature.HOTPLUG | p.ScsiFeature.CHANGE
 
 
 def test_inquiry_and_vpd_pages(fe: MockFrontend) -> None:
@@ -132,8 +137,10 @@ def test_read_capacity_mode_sense_report_luns(fe: MockFrontend) -> None:
     assert struct.unpack_from(">H", ms10)[0] == len(ms10) - 2 and ms10[8 + 8] == 0x0A
     check(run(fe, bytes([0x1A, 0, 0x1C, 0, 255, 0]), 255), p.INVALID_FIELD_IN_CDB)
     check(run(fe, bytes([0x1A, 0, 0xC8, 0, 255, 0]), 255), p.SAVING_PARAMETERS_NOT_SUPPORTED)
-    luns = good(run(fe, bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 64) + bytes(2), 64, lun=5)).data
-    assert luns == struct.pack(">I4x", 16) + bytes([0, 0]) + bytes(6) + bytes([0, 1]) + bytes(6)
+    for lun in (0, 1, 5):  # the target's list, whichever LUN is asked
+        luns = good(run(fe, bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 64) + bytes(2), 64, lun=lun)).data
+        assert luns == struct.pack(">I4x", 16) + bytes([0, 0]) + bytes(6) + bytes([0, 1]) + bytes(6)
+    check(run(fe, bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 8) + bytes(2), 64), p.INVALID_FIELD_IN_CDB)
     good(run(fe, bytes(6)))  # TEST UNIT READY
     sense = good(run(fe, bytes([0x03, 0, 0, 0, 18, 0]), 18)).data
     assert sense[0] == 0x70 and sense[2] == 0
@@ -253,3 +260,31 @@ def test_lun_spec() -> None:
     assert LunSpec.parse("/a.img") == LunSpec("/a.img", False)
     with pytest.raises(ValueError):
         LunSpec.parse("/a.img,bogus")
+
+
+def test_the_command_serves_luns(tmp_path: Path, images: list[Path]) -> None:
+    sock = tmp_path / "scsi.sock"
+    argv = ["scsi", "--socket-path", str(sock), "--lun", str(images[0]), "--lun", f"{images[1]},ro"]
+    with vhostuser_process(argv, stderr=subprocess.PIPE, text=True) as proc:
+        wait_for_path(sock, proc)
+        with MockFrontend.connect(str(sock), OPTS) as front:
+            assert front.queue_num == 3
+            good(run(front, cdb10(0x2A, 8, 1), data_out=b"\x5a" * 512))
+            check(run(front, cdb10(0x2A, 8, 1), data_out=b"\x5a" * 512, lun=1), p.WRITE_PROTECTED)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    with open(images[0], "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(512) == b"\x5a" * 512
+
+
+def test_the_command_rejects_bad_arguments(tmp_path: Path) -> None:
+    def cmd_rc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vhostuser", "scsi", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    assert cmd_rc("--socket-path", str(tmp_path / "s")).returncode == 2  # no LUN
+    out = cmd_rc("--socket-path", str(tmp_path / "s"), "--lun", "x.img,bogus")
+    assert out.returncode == 2 and "bogus" in out.stderr
+    out = cmd_rc("--socket-path", str(tmp_path / "s"), "--lun", str(tmp_path / "missing.img"))
+    assert out.returncode == 1 and "cannot open" in out.stderr

@@ -23,7 +23,7 @@ from ...errors import QueueError
 from ...vring import VringState
 from ..blk.image import BlockImage
 from . import protocol as p
-from .disk import CheckCondition, CommandResult, ScsiDisk, absent_lun_inquiry, report_luns
+from .disk import CheckCondition, CommandResult, Opcode, ScsiDisk, absent_lun_inquiry, report_luns
 from .protocol import Response
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,9 @@ class ScsiBackend(VhostUserBackend):
 
     # ----------------------------------------------------------- negotiation
     def features(self) -> int:
-        return super().features() | int(p.ScsiFeature.HOTPLUG)
+        # QEMU 7.2's vhost-user-scsi acks CHANGE (its param_change property)
+        # whether offered or not: offer it (no PARAM_CHANGE events are sent)
+        return super().features() | int(p.ScsiFeature.HOTPLUG | p.ScsiFeature.CHANGE)
 
     def queues_per_thread(self) -> Sequence[int]:
         return [(1 << self.num_queues) - 1]
@@ -247,16 +249,17 @@ class ScsiBackend(VhostUserBackend):
         with self._lock:
             disk = self.disks.get(lun)
             luns = list(self.disks)
-        if disk is not None:
+        if disk is not None and cdb[0] != Opcode.REPORT_LUNS:
             return disk.execute(cdb, reader, data_in)
+        # REPORT LUNS (the target's list, whichever LUN it is sent to), and
         # a LUN that does not exist: what the target itself answers (SPC-4)
         result = CommandResult()
         try:
-            if cdb[0] == 0x12:
-                result.data_in = absent_lun_inquiry(cdb, data_in)
-            elif cdb[0] == 0xA0:
+            if cdb[0] == Opcode.REPORT_LUNS:
                 result.data_in = report_luns(luns, cdb, data_in)
-            elif cdb[0] == 0x03:
+            elif cdb[0] == Opcode.INQUIRY:
+                result.data_in = absent_lun_inquiry(cdb, data_in)
+            elif cdb[0] == Opcode.REQUEST_SENSE:
                 result.data_in = min(18, cdb[4], data_in.available_bytes)
                 data_in.write(p.LUN_NOT_SUPPORTED.fixed()[:result.data_in])
             else:
