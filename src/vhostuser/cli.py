@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
     "scsi": ("vhostuser.devices.scsi", "virtio-scsi back-end (LUNs on image files)"),
+    "gpio": ("vhostuser.devices.gpio", "virtio-gpio back-end (simulated GPIO chip)"),
 }
 
 
@@ -84,6 +85,10 @@ def console_main() -> int:
 
 def scsi_main() -> int:
     return _device_command("scsi")
+
+
+def gpio_main() -> int:
+    return _device_command("gpio")
 
 
 if __name__ == "__main__":
