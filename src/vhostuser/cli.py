@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
     "scsi": ("vhostuser.devices.scsi", "virtio-scsi back-end (LUNs on image files)"),
     "gpio": ("vhostuser.devices.gpio", "virtio-gpio back-end (simulated GPIO chip)"),
+    "i2c": ("vhostuser.devices.i2c", "virtio-i2c back-end (simulated devices, host /dev/i2c-N)"),
 }
 
 
@@ -89,6 +90,10 @@ def scsi_main() -> int:
 
 def gpio_main() -> int:
     return _device_command("gpio")
+
+
+def i2c_main() -> int:
+    return _device_command("i2c")
 
 
 if __name__ == "__main__":
