@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.static_tool import build_static_tool
 
 from vhostuser.daemon import VhostUserDaemon
 from vhostuser.devices.scsi.device import LunSpec, ScsiBackend
-from vhostuser.testing.guest import VhostUserDevice, run_guest
+from vhostuser.testing.guest import VhostUserDevice, build_static_program, run_guest
 
-pytestmark = pytest.mark.qemu
+#: the ring implementation is covered by the mock front-end tests in both passes
+pytestmark = [pytest.mark.qemu, pytest.mark.impl_pass("native")]
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -76,7 +76,7 @@ def md5(data: bytes) -> str:
 
 def test_guest_sees_the_luns_and_does_io_discard_and_gets_sense(tmp_path: Path, short_dir: Path,
                                                                  no_fd_leak: None) -> None:
-    sg_cmd = build_static_tool(SG_CMD, ", <scsi/sg.h> in libc6-dev")
+    sg_cmd = build_static_program(SG_CMD, flags=("-O2", "-Wall"))
     rw, ro = tmp_path / "rw.img", tmp_path / "ro.img"
     with open(rw, "wb") as f:
         f.truncate(SIZE)

@@ -32,12 +32,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers.static_tool import build_static_tool
 
 from vhostuser.daemon import VhostUserDaemon
 from vhostuser.devices.vsock.device import VsockBackend
 from vhostuser.devices.vsock.engine import VsockEngineConfig
-from vhostuser.testing.guest import VhostUserDevice, start_guest
+from vhostuser.testing.guest import VhostUserDevice, build_static_program, start_guest
 
 pytestmark = pytest.mark.qemu
 
@@ -54,7 +53,7 @@ _MiB = 1 << 20
 # -------------------------------------------------------------- the program
 def build_vsock_io() -> Path:
     """Compile vsock_io.c (static) once per source version; returns the binary."""
-    return build_static_tool(SOURCE, ", <linux/vm_sockets.h> in linux-libc-dev")
+    return build_static_program(SOURCE, flags=("-O2", "-Wall"))
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +209,7 @@ H2G_BYTES = 8 * _MiB + 45       # host -> guest stream
 H2G_BACK = 2 * _MiB + 9         # the guest's answer on it
 
 
+@pytest.mark.both_impls  # the guest's I/O runs through the data-path core
 def test_guest_streams_both_ways(no_fd_leak: None, vsock_io: Path, tmp_path: Path) -> None:
     uds = str(tmp_path / "vm.vsock")
     sock = str(tmp_path / "vhost.sock")

@@ -27,6 +27,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scsi": ("vhostuser.devices.scsi", "virtio-scsi back-end (LUNs on image files)"),
     "gpio": ("vhostuser.devices.gpio", "virtio-gpio back-end (simulated GPIO chip)"),
     "i2c": ("vhostuser.devices.i2c", "virtio-i2c back-end (simulated devices, host /dev/i2c-N)"),
+    "can": ("vhostuser.devices.can", "virtio-can back-end (virtual CAN bus between VMs, or host SocketCAN)"),
+    "spi": ("vhostuser.devices.spi", "virtio-spi back-end (host spidev, simulated loopback and EEPROM)"),
+    "scmi": ("vhostuser.devices.scmi", "virtio-scmi back-end (SCMI base and sensor protocols; fake, hwmon, IIO sensors)"),
 }
 
 
@@ -94,6 +97,18 @@ def gpio_main() -> int:
 
 def i2c_main() -> int:
     return _device_command("i2c")
+
+
+def can_main() -> int:
+    return _device_command("can")
+
+
+def spi_main() -> int:
+    return _device_command("spi")
+
+
+def scmi_main() -> int:
+    return _device_command("scmi")
 
 
 if __name__ == "__main__":
