@@ -40,24 +40,30 @@ def read10(lba: int, n: int) -> str:
 SCRIPT = f"""
 set -e
 i=0
-while [ ! -e /sys/block/sdb ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
-for b in sda sdb; do
-  d=/sys/block/$b
-  echo "$b hctl=$(basename $(readlink $d/device)) size=$(cat $d/size) ro=$(cat $d/ro) \
+# sd names follow the (asynchronous) probe order: find each LUN's disk by H:C:T:L
+while ! ls /sys/bus/scsi/devices/0:0:0:1/block >/dev/null 2>&1 && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+while ! ls /sys/bus/scsi/devices/0:0:0:0/block >/dev/null 2>&1 && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+rw=$(ls /sys/bus/scsi/devices/0:0:0:0/block)
+ro=$(ls /sys/bus/scsi/devices/0:0:0:1/block)
+show() {{
+  d=/sys/block/$2
+  echo "$1 hctl=$(basename $(readlink $d/device)) size=$(cat $d/size) ro=$(cat $d/ro) \
 vendor=$(cat $d/device/vendor) mode=$(cat $d/device/scsi_disk/*/provisioning_mode)"
-done
-dd if=/pattern.bin of=/dev/sda bs=65536 seek=16 oflag=direct 2>/dev/null
-dd if=/pattern.bin of=/dev/sda bs=65536 seek=32 oflag=direct conv=fsync 2>/dev/null
+}}
+show rw $rw
+show ro $ro
+dd if=/pattern.bin of=/dev/$rw bs=65536 seek=16 oflag=direct 2>/dev/null
+dd if=/pattern.bin of=/dev/$rw bs=65536 seek=32 oflag=direct conv=fsync 2>/dev/null
 echo 3 > /proc/sys/vm/drop_caches
-echo "low $(dd if=/dev/sda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null | md5sum)"
-blkdiscard -o {DISCARD_AT} -l {DISCARD_LEN} /dev/sda
-echo "after-discard $(dd if=/dev/sda bs=65536 skip=32 count=16 iflag=direct 2>/dev/null | md5sum)"
-echo "ro-read $(dd if=/dev/sdb bs=65536 count=16 iflag=direct 2>/dev/null | md5sum)"
-if dd if=/pattern.bin of=/dev/sdb bs=4096 count=1 oflag=direct 2>/dev/null; then echo ro-write=ok; \
+echo "low $(dd if=/dev/$rw bs=65536 skip=16 count=16 iflag=direct 2>/dev/null | md5sum)"
+blkdiscard -o {DISCARD_AT} -l {DISCARD_LEN} /dev/$rw
+echo "after-discard $(dd if=/dev/$rw bs=65536 skip=32 count=16 iflag=direct 2>/dev/null | md5sum)"
+echo "ro-read $(dd if=/dev/$ro bs=65536 count=16 iflag=direct 2>/dev/null | md5sum)"
+if dd if=/pattern.bin of=/dev/$ro bs=4096 count=1 oflag=direct 2>/dev/null; then echo ro-write=ok; \
 else echo ro-write=refused; fi
-echo "in-range $(/sg_cmd /dev/sda {read10(SIZE // 512 - 1, 1)} 512)"
-echo "out-of-range $(/sg_cmd /dev/sda {read10(SIZE // 512, 1)} 512)"
-echo "bad-opcode $(/sg_cmd /dev/sda c50000000000)"
+echo "in-range $(/sg_cmd /dev/$rw {read10(SIZE // 512 - 1, 1)} 512)"
+echo "out-of-range $(/sg_cmd /dev/$rw {read10(SIZE // 512, 1)} 512)"
+echo "bad-opcode $(/sg_cmd /dev/$rw c50000000000)"
 """
 
 
@@ -95,8 +101,8 @@ def test_guest_sees_the_luns_and_does_io_discard_and_gets_sense(tmp_path: Path, 
         backend.close()
     out = result.output
     lines = dict(line.split(" ", 1) for line in out.strip().split("\n") if " " in line)
-    assert lines["sda"] == f"hctl=0:0:0:0 size={SIZE // 512} ro=0 vendor=vhostusr mode=unmap", out
-    assert lines["sdb"] == f"hctl=0:0:0:1 size={RO_SIZE // 512} ro=1 vendor=vhostusr mode=full", out
+    assert lines["rw"] == f"hctl=0:0:0:0 size={SIZE // 512} ro=0 vendor=vhostusr mode=unmap", out
+    assert lines["ro"] == f"hctl=0:0:0:1 size={RO_SIZE // 512} ro=1 vendor=vhostusr mode=full", out
     assert lines["low"].split()[0] == md5(PATTERN), out
     expect = bytearray(PATTERN)
     hole = DISCARD_AT - 2 * MiB
