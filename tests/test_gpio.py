@@ -220,3 +220,31 @@ def vhostuser_argv() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "vhostuser"]
+
+
+def test_random_requests_never_break_the_queues(gpio) -> None:  # noqa: ANN001
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    backend, drv, _ = gpio
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(rtype=st.integers(0, 8), line=st.integers(0, 6), value=st.integers(0, 9), rxlen=st.integers(1, 40))
+    def random_request(rtype: int, line: int, value: int, rxlen: int) -> None:
+        status, _ = drv.req(rtype, line, value, rxlen)
+        assert status in (p.Status.OK, p.Status.ERR)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(readable=st.lists(st.binary(min_size=1, max_size=12), max_size=2),
+           writable=st.lists(st.integers(1, 30), min_size=1, max_size=2))
+    def random_chain(readable: list[bytes], writable: list[int]) -> None:
+        assert drv.fe.request(0, readable, writable).length <= sum(writable)
+
+    random_request()
+    random_chain()
+    # turn every interrupt off: buffers the random requests armed come back INVALID
+    for line in range(4):
+        drv.ok(M.SET_DIRECTION, line, D.IN)
+        drv.ok(M.SET_IRQ_TYPE, line, T.NONE)
+    drv.fe.reap(1)
+    drv.ok(M.SET_VALUE, 0, 1)  # still serving

@@ -178,3 +178,27 @@ def test_the_command(tmp_path: Path) -> None:
         out = subprocess.run([sys.executable, "-m", "vhostuser", "i2c", "--socket-path", str(sock), *bad],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "vhostuser i2c:" in out.stderr, out.stderr
+
+
+def test_random_chains_never_break_the_queue(bus) -> None:  # noqa: ANN001
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fe, _, _, _ = bus
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(addr=st.integers(0, 0xFF), flags=st.integers(0, 7), write=st.binary(max_size=8),
+           read=st.integers(0, 8), extra=st.booleans())
+    def random_request(addr: int, flags: int, write: bytes, read: int, extra: bool) -> None:
+        readable = [p.OUT_HDR.pack(addr, 0, flags)] + ([write] if write else [])
+        if extra:
+            readable = [readable[0][:5]]
+        used = fe.request(0, readable, ([read] if read else []) + [1])
+        assert used.data[used.length - 1] in (OK, ERR)
+
+    random_request()
+    assert xfer(fe, (EEPROM, b"\x00"), (EEPROM, 1)) == [(OK, b""), (OK, eeprom_byte(bus, 0))]
+
+
+def eeprom_byte(bus, offset: int) -> bytes:  # noqa: ANN001
+    return bus[2].read_bytes()[offset:offset + 1]

@@ -288,3 +288,36 @@ def test_the_command_rejects_bad_arguments(tmp_path: Path) -> None:
     assert out.returncode == 2 and "bogus" in out.stderr
     out = cmd_rc("--socket-path", str(tmp_path / "s"), "--lun", str(tmp_path / "missing.img"))
     assert out.returncode == 1 and "cannot open" in out.stderr
+
+
+def test_random_commands_and_chains_never_break_the_queue(fe: MockFrontend) -> None:
+    """Random CDBs on a valid header, and random chains: every request gets a
+    well-formed answer (or is returned unused), and the device keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    statuses = {int(s) for s in p.Status}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(cdb=st.binary(min_size=6, max_size=16), lun=st.integers(0, 3), data_in=st.integers(0, 4096),
+           data_out=st.binary(max_size=1024))
+    def random_cdb(cdb: bytes, lun: int, data_in: int, data_out: bytes) -> None:
+        r = run(fe, cdb, data_in, data_out, lun=lun)
+        assert r.response in (p.Response.OK, p.Response.OVERRUN)
+        assert r.status in statuses and r.length <= RESP + data_in
+        if r.status == p.Status.CHECK_CONDITION:
+            assert r.key_asc[0] in {int(k) for k in p.SenseKey}
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(readable=st.lists(st.binary(min_size=1, max_size=80), max_size=3),
+           writable=st.lists(st.integers(1, 200), max_size=3))
+    def random_chain(readable: list[bytes], writable: list[int]) -> None:
+        if not readable and not writable:
+            return
+        for queue in (0, 2):
+            used = fe.request(queue, readable, writable)
+            assert used.length <= sum(writable)
+
+    random_cdb()
+    random_chain()
+    good(run(fe, bytes(6)))  # still serving
