@@ -321,3 +321,18 @@ def test_random_commands_and_chains_never_break_the_queue(fe: MockFrontend) -> N
     random_cdb()
     random_chain()
     good(run(fe, bytes(6)))  # still serving
+
+
+def test_a_request_on_the_event_queue_is_returned_unused(fe: MockFrontend, tmp_path: Path) -> None:
+    backend: ScsiBackend = fe.backend  # type: ignore[attr-defined]
+    extra = tmp_path / "extra.img"
+    extra.write_bytes(bytes(MiB))
+    wrong = fe.add(1, [cmd(bytes(6))], [RESP])  # a request-queue chain on the event queue
+    good_buf = fe.add(1, [], [p.EVENT.size])
+    fe.publish(1)
+    backend.add_lun(3, str(extra))
+    used = {u.token: u for u in fe.wait_used(1, 2, timeout=10)}
+    assert used[wrong].length == 0
+    assert p.EVENT.unpack(used[good_buf].data) == (p.EventType.TRANSPORT_RESET, p.encode_lun(0, 3),
+                                                   p.ResetReason.RESCAN)
+    assert good(run(fe, bytes([0x12, 0, 0, 0, 36, 0]), 36, lun=3)).data[0] == 0  # the new LUN answers
