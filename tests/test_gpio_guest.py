@@ -24,8 +24,7 @@ from vhostuser.devices.gpio.protocol import F_IRQ
 from vhostuser.testing.guest import VhostUserDevice, build_static_program, fetch_kernel, run_guest
 from vhostuser.testing.guest_modules import build_module
 
-#: the ring implementation is covered by the mock front-end tests in both passes
-pytestmark = [pytest.mark.qemu, pytest.mark.impl_pass("native")]
+pytestmark = pytest.mark.qemu
 
 TOOL = Path(__file__).parent / "gpio_guest" / "gpio_tool.c"
 

@@ -21,8 +21,7 @@ from vhostuser.devices.i2c.device import I2cBackend
 from vhostuser.testing.guest import VhostUserDevice, fetch_kernel, run_guest
 from vhostuser.testing.guest_modules import build_module
 
-#: the ring implementation is covered by the mock front-end tests in both passes
-pytestmark = [pytest.mark.qemu, pytest.mark.impl_pass("native")]
+pytestmark = pytest.mark.qemu
 
 SCRIPT = r"""
 set -e

@@ -22,8 +22,7 @@ from vhostuser.daemon import VhostUserDaemon
 from vhostuser.devices.scsi.device import LunSpec, ScsiBackend
 from vhostuser.testing.guest import VhostUserDevice, build_static_program, run_guest
 
-#: the ring implementation is covered by the mock front-end tests in both passes
-pytestmark = [pytest.mark.qemu, pytest.mark.impl_pass("native")]
+pytestmark = pytest.mark.qemu
 
 MiB = 1 << 20
 SIZE = 64 * MiB
