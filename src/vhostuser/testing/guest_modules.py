@@ -4,8 +4,8 @@ Debian's 6.1 kernel has ``# CONFIG_GPIO_VIRTIO is not set`` and ``# CONFIG_I2C_V
 is not set``, but its ``CONFIG_GPIOLIB`` and ``CONFIG_I2C`` are built in, so the
 drivers build as external modules against the headers of the guest kernel:
 
-* the source file comes from Debian's ``linux-source-6.1`` tarball
-  (``/usr/src/linux-source-6.1.tar.xz``, one member extracted);
+* the source files come from Debian's ``linux-source-6.1`` tarball
+  (``/usr/src/linux-source-6.1.tar.xz``; both drivers extracted in one pass and kept);
 * ``make -C /usr/src/linux-headers-<version> M=<dir> modules`` builds it
   (``linux-headers-<version>``, which ``linux-headers-amd64`` pulls in);
 * the ``.ko`` is cached under :func:`~vhostuser.testing.guest.cache_dir`
@@ -49,17 +49,26 @@ def _headers(kernel: Kernel) -> Path:
     return headers
 
 
-def _extract(member: str, dest: Path) -> bytes:
+def _sources(cache: Path, stamp: int) -> Path:
+    """Every :data:`OUT_OF_TREE` source, extracted from the tarball in one pass
+    (decompressing it takes a minute or more) and kept in the cache."""
     if not SOURCE_TARBALL.exists():
         raise GuestPrerequisiteError(f"{SOURCE_TARBALL} is missing: install the Debian package linux-source-6.1")
-    with tempfile.TemporaryDirectory(prefix="vhu-src-") as tmp:
-        r = subprocess.run(["tar", "-xJf", str(SOURCE_TARBALL), "-C", tmp, SOURCE_PREFIX + member],
-                           capture_output=True, text=True, timeout=600, check=False)
+    tree = cache / f"src-{stamp}"
+    if all((tree / m).exists() for m in OUT_OF_TREE.values()):
+        return tree
+    shutil.rmtree(tree, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="vhu-src-", dir=cache) as tmp:
+        members = [SOURCE_PREFIX + m for m in OUT_OF_TREE.values()]
+        r = subprocess.run(["tar", "-xJf", str(SOURCE_TARBALL), "-C", tmp, *members],
+                           capture_output=True, text=True, timeout=900, check=False)
         if r.returncode != 0:
-            raise GuestPrerequisiteError(f"cannot extract {member} from {SOURCE_TARBALL}: {r.stderr.strip()}")
-        data = (Path(tmp) / (SOURCE_PREFIX + member)).read_bytes()
-    dest.write_bytes(data)
-    return data
+            raise GuestPrerequisiteError(f"cannot extract the driver sources from {SOURCE_TARBALL}: {r.stderr.strip()}")
+        os.replace(Path(tmp) / SOURCE_PREFIX.rstrip("/"), tree)
+    for old in cache.glob("src-*"):
+        if old != tree:
+            shutil.rmtree(old, ignore_errors=True)
+    return tree
 
 
 def build_module(name: str, kernel: Kernel) -> Path:
@@ -69,6 +78,7 @@ def build_module(name: str, kernel: Kernel) -> Path:
     member = OUT_OF_TREE[name]
     headers = _headers(kernel)
     cache = cache_dir() / "modules" / kernel.version
+    cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / ".lock"):
         done = sorted(cache.glob(f"{name}-*.ko"))
         stamp = SOURCE_TARBALL.stat().st_mtime_ns if SOURCE_TARBALL.exists() else 0
@@ -80,7 +90,7 @@ def build_module(name: str, kernel: Kernel) -> Path:
             old.unlink(missing_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"vhu-{name}-"))
         try:
-            _extract(member, work / Path(member).name)
+            shutil.copyfile(_sources(cache, stamp) / member, work / Path(member).name)
             (work / "Makefile").write_text(f"obj-m := {Path(member).stem}.o\n")
             log.info("building %s for %s against %s", name, kernel.version, headers)
             r = subprocess.run(["make", "-C", str(headers), f"M={work}", "modules"], capture_output=True,
@@ -89,7 +99,6 @@ def build_module(name: str, kernel: Kernel) -> Path:
             if r.returncode != 0 or not ko.exists():
                 raise GuestPrerequisiteError(f"building {name} failed (status {r.returncode}):\n"
                                              f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-            cache.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(f".{os.getpid()}.tmp")
             shutil.copyfile(ko, tmp)
             os.replace(tmp, target)
