@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
+    "input": ("vhostuser.devices.input", "virtio-input back-end (host evdev device or virtual keyboard/mouse/tablet)"),
 }
 
 
@@ -79,6 +80,14 @@ def vsock_main() -> int:
 
 def console_main() -> int:
     return _device_command("console")
+
+
+def input_main() -> int:
+    return _device_command("input")
+
+
+def sound_main() -> int:
+    return _device_command("sound")
 
 
 if __name__ == "__main__":
