@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
+    "sound": ("vhostuser.devices.sound", "virtio-sound back-end (null, WAV files, PulseAudio; runtime on/off per direction)"),
     "input": ("vhostuser.devices.input", "virtio-input back-end (host evdev device or virtual keyboard/mouse/tablet)"),
 }
 
