@@ -286,3 +286,17 @@ def test_input_command_with_a_control_socket(vhost_socket_dir, mock_frontend_fac
         proc.terminate()
         proc.wait(30)
     assert proc.returncode == 0 and not ctl.exists()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 255), st.integers(0, 255))
+def test_every_config_query_is_a_well_formed_answer(select, subsel):
+    from vhostuser.devices.input.config import tablet_config
+
+    space = tablet_config().space(select, subsel)
+    assert len(space) == CONFIG_SIZE and space[:2] == bytes([select, subsel])
+    assert space[2] <= 128 and space[8 + space[2]:] == bytes(128 - space[2])

@@ -320,3 +320,26 @@ def test_sound_command(vhost_socket_dir, mock_frontend_factory, tmp_path):
     assert proc.returncode == 0 and not ctl.exists()
     with wave.open(str(out)) as w:
         assert abs(frequency(w.readframes(w.getnframes()), RATE) - 300) < 5
+
+
+# ------------------------------------------------------------------ fuzz
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_codes = st.sampled_from([c.value for c in Code] + [0, 0xFFFFFFFF])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_codes, st.binary(max_size=40)), max_size=12))
+def test_any_control_request_sequence_gets_a_status_and_never_raises(requests):
+    backend = SoundBackend()
+    try:
+        for code, rest in requests:
+            reply = backend.control_reply(struct.pack("<I", code) + rest)
+            (status,) = struct.unpack_from("<I", reply)
+            assert status in (OK, BAD, NOT_SUPP, Code.S_IO_ERR)
+            assert status == OK or len(reply) == 4
+        for s in backend.streams:  # whatever happened, every state is one of the spec's
+            assert s.state.name in ("INITIAL", "SET_PARAMETERS", "PREPARE", "START", "STOP", "RELEASE")
+    finally:
+        backend.close()

@@ -82,3 +82,31 @@ def test_a_sine_played_by_the_guest_comes_back_from_the_null_sink_monitor(pulse_
     assert len(middle) >= RATE  # at least half a second of it
     assert abs(frequency(middle, RATE) - 440) < 3
     assert abs(rms(middle) - 10000 / 2 ** 0.5) < 0.1 * 10000 / 2 ** 0.5
+
+
+def test_capture_from_the_monitor_and_switching_the_input_off(pulse_server, serve_backend, mock_frontend_factory,
+                                                              tmp_path):
+    """pacat plays a 1 kHz tone into the null sink; the guest records the sink's monitor through
+    the device; after ``SET input off`` every sample the guest gets is zero."""
+    from vhostuser.devices.sound.pulse import PulseHost
+
+    tone = Path(tmp_path) / "tone.raw"
+    tone.write_bytes(sine(1000, RATE, amplitude=8000)(RATE * 2 * 6))  # 6 s, mono S16
+    pacat = subprocess.Popen(["pacat", "--server", pulse_server, f"--device={SINK}", "--raw", "--format=s16le",
+                              f"--rate={RATE}", "--channels=1", str(tone)], stderr=subprocess.PIPE)
+    try:
+        backend = SoundBackend(PulseHost(server=pulse_server, source=f"{SINK}.monitor"))
+        drv = VirtioSndDriver(mock_frontend_factory(serve_backend(backend), FrontendOptions(config_size=12)))
+        drv.probe()
+        run = PcmRun(drv, 1, Direction.INPUT, rate=RATE, channels=1, period_frames=960)
+        run.start()
+        got = run.pump(40)
+        heard = b"".join(c.frames for c in got[10:])
+        assert abs(frequency(heard, RATE) - 1000) < 5 and rms(heard) > 3000
+        assert backend.command("SET input off") == "OK output=on input=off"
+        t_off = time.monotonic()
+        after = [c for c in run.pump(10) if c.at > t_off]
+        assert after and all(c.frames == bytes(len(c.frames)) for c in after)
+        run.stop()
+    finally:
+        reap(pacat)

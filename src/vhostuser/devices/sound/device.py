@@ -182,12 +182,7 @@ class SoundBackend(VhostUserBackend):
     def _control(self, vring: VringState) -> None:
         used = []
         while chain := vring.pop_descriptor_chain():
-            request = chain.reader().read(chain.readable_len)
-            try:
-                reply = status(Code.S_OK) + self._request(request)
-            except BadRequest as exc:
-                log.warning("sound: control request %s: %s", _code_name(request), exc)
-                reply = status(exc.code)
+            reply = self.control_reply(chain.reader().read(chain.readable_len))
             if chain.writable_len < len(reply):
                 log.warning("sound: control reply of %d bytes does not fit the %d-byte buffer",
                             len(reply), chain.writable_len)
@@ -196,6 +191,14 @@ class SoundBackend(VhostUserBackend):
         if used:
             vring.add_used_batch(used)
             vring.signal_used_queue()
+
+    def control_reply(self, request: bytes) -> bytes:
+        """The reply to one control request: a status, then the items of an INFO query."""
+        try:
+            return status(Code.S_OK) + self._request(request)
+        except BadRequest as exc:
+            log.warning("sound: control request %s: %s", _code_name(request), exc)
+            return status(exc.code)
 
     def _request(self, data: bytes) -> bytes:
         if len(data) < HDR.size:
