@@ -343,3 +343,34 @@ def test_any_control_request_sequence_gets_a_status_and_never_raises(requests):
             assert s.state.name in ("INITIAL", "SET_PARAMETERS", "PREPARE", "START", "STOP", "RELEASE")
     finally:
         backend.close()
+
+
+def test_playback_survives_a_front_end_reconnect(snd):
+    backend, drv = snd()
+    run = PcmRun(drv, 0, Direction.OUTPUT, rate=RATE, channels=1, period_frames=PERIOD_FRAMES)
+    run.start()
+    run.pump(3)
+    drv.fe.reconnect()  # QEMU's reconnect=: the rings restart from their used index
+    assert all(c.status == OK for c in run.pump(6))
+    run.stop()
+    assert run.outstanding == 0 and run.status["release"] == OK
+
+
+def test_no_fd_leak_across_a_stream_and_the_control_socket(no_fd_leak, tmp_path, serve_backend,
+                                                          mock_frontend_factory):
+    backend = SoundBackend(host=RecordingHost())
+    server = LineServer(str(tmp_path / "c.ctl"), backend.command)
+    try:
+        drv = VirtioSndDriver(mock_frontend_factory(serve_backend(backend), OPTIONS))
+        drv.probe()
+        run = PcmRun(drv, 1, Direction.INPUT, rate=RATE, channels=1, period_frames=PERIOD_FRAMES)
+        run.start()
+        assert request(str(tmp_path / "c.ctl"), "SET input off").startswith("OK")
+        run.pump(2)
+        run.stop()
+        drv.fe.close()
+        serve_backend.daemon_of(backend).request_shutdown()
+        serve_backend.daemon_of(backend).wait()
+    finally:
+        server.close()
+        backend.close()

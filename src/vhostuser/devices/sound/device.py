@@ -82,6 +82,10 @@ class PcmStream:
     cond: threading.Condition = field(default_factory=threading.Condition)
     thread: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    #: bumped when the ring starts or stops: chains of an older session are stale
+    session: int = 0
+    #: the first held message's frames already went to the host (output)
+    head_played: bool = False
     #: frames moved / underruns, for tests and logs
     frames: int = 0
     xruns: int = 0
@@ -153,15 +157,24 @@ class SoundBackend(VhostUserBackend):
         if index == EVENT_QUEUE:
             self._flush_events(vring)
         for s in self.streams:
-            if self._queue_of(s) == index and s.state == PcmState.START:
-                self._start_thread(s)
+            if self._queue_of(s) == index:
+                self._new_session(s)
+                if s.state == PcmState.START:
+                    self._start_thread(s)
 
     def vring_stopped(self, index: int, vring: VringState) -> None:
         for s in self.streams:
             if self._queue_of(s) == index:
-                self._stop_thread(s, join=False)
-                with s.cond:
-                    s.pending.clear()  # this session's chains; the ring restarts from its used index
+                self._new_session(s)
+
+    def _new_session(self, s: PcmStream) -> None:
+        """Forget the chains of the last session: the ring restarts from its used
+        index, so the driver's messages come again (a reconnect may skip vring_stopped)."""
+        self._stop_thread(s, join=False)
+        with s.cond:
+            s.session += 1
+            s.pending.clear()
+            s.head_played = False
 
     @staticmethod
     def _queue_of(s: PcmStream) -> int:
@@ -354,6 +367,7 @@ class SoundBackend(VhostUserBackend):
         vring = self.vrings.get(self._queue_of(s))
         with s.cond:
             chains, s.pending = list(s.pending), deque()
+            s.head_played = False
         if not chains or vring is None or not vring.is_running:
             return
         fmt = s.params.format if s.params else Format.S16
@@ -366,7 +380,8 @@ class SoundBackend(VhostUserBackend):
         if s.thread is not None and s.thread.is_alive():
             return
         s.stop = threading.Event()
-        s.thread = threading.Thread(target=self._pace, args=(s, s.stop), name=f"snd-stream{s.id}", daemon=True)
+        s.thread = threading.Thread(target=self._pace, args=(s, s.stop, s.session), name=f"snd-stream{s.id}",
+                                    daemon=True)
         s.thread.start()
 
     def _stop_thread(self, s: PcmStream, join: bool = True) -> None:
@@ -377,7 +392,7 @@ class SoundBackend(VhostUserBackend):
             s.thread.join(5)
         s.thread = None
 
-    def _pace(self, s: PcmStream, stop: threading.Event) -> None:
+    def _pace(self, s: PcmStream, stop: threading.Event, session: int) -> None:
         params = s.params
         assert params is not None
         period = params.seconds(params.period_bytes)
@@ -394,9 +409,10 @@ class SoundBackend(VhostUserBackend):
                     continue
                 chain = s.pending.popleft()
             try:
-                if not self._play_or_capture(s, chain, deadline, stop):
+                if not self._play_or_capture(s, chain, deadline, stop, session):
                     with s.cond:
-                        s.pending.appendleft(chain)  # stopped meanwhile: it stays held
+                        if s.session == session:
+                            s.pending.appendleft(chain)  # stopped meanwhile: it stays held
                     return
             except (OSError, QueueError) as exc:
                 log.error("sound: stream %d: %s", s.id, exc)
@@ -405,36 +421,54 @@ class SoundBackend(VhostUserBackend):
             if lag > params.seconds(params.buffer_bytes):
                 deadline = time.monotonic()  # far behind (a stalled host): do not burst to catch up
 
-    def _play_or_capture(self, s: PcmStream, chain: DescriptorChain, deadline: float,
-                         stop: threading.Event) -> bool:
-        """Move one buffer's frames and return it once they have played / been captured.
-        False if the stream stopped first (the chain was not completed)."""
-        assert s.params is not None
-        nbytes = self._payload_len(chain, s.direction)
-        due = deadline + s.params.seconds(nbytes)
-        if s.direction == Direction.OUTPUT:
-            frames = chain.reader()
-            frames.read(XFER.size)
-            data = frames.read(nbytes)
-        if stop.wait(max(0.0, due - time.monotonic())):
-            return False
-        vring = self.vrings.get(self._queue_of(s))
-        if vring is None:
-            return False
+    @staticmethod
+    def _acquire(s: PcmStream, vring: VringState, stop: threading.Event, session: int) -> bool:
+        """Take the ring's lock, unless the stream stops first (the worker may hold
+        the lock while it waits for this thread to end) or the chain is stale."""
         while not vring.lock.acquire(timeout=_LOCK_POLL):
             if stop.is_set():
                 return False
-        try:
-            if stop.is_set() or not vring.is_running:
+        if stop.is_set() or not vring.is_running or s.session != session:  # guest memory may be gone
+            vring.lock.release()
+            return False
+        return True
+
+    def _play_or_capture(self, s: PcmStream, chain: DescriptorChain, deadline: float,
+                         stop: threading.Event, session: int) -> bool:
+        """Move one buffer's frames and return it once they have played / been captured.
+        False if the stream stopped first (the chain was not completed).
+
+        Output is written to the host when its turn comes (so the host never runs
+        dry) and the buffer returned when it has played; input is captured when
+        the buffer's time is over.  Guest memory is only touched under the ring's lock."""
+        assert s.params is not None
+        vring = self.vrings.get(self._queue_of(s))
+        if vring is None:
+            return False
+        nbytes = self._payload_len(chain, s.direction)
+        if s.direction == Direction.OUTPUT and not s.head_played:
+            if not self._acquire(s, vring, stop, session):
                 return False
+            try:
+                frames = chain.reader()
+                frames.read(XFER.size)
+                data = frames.read(nbytes)
+                with self.io_lock:
+                    if self.enabled[Direction.OUTPUT] and s.host is not None:
+                        s.host.write(data)
+                s.head_played = True
+            finally:
+                vring.lock.release()
+        if stop.wait(max(0.0, deadline + s.params.seconds(nbytes) - time.monotonic())):
+            return False
+        if not self._acquire(s, vring, stop, session):
+            return False
+        try:
             with self.io_lock:
                 code = Code.S_OK
                 host = s.host
-                if s.direction == Direction.OUTPUT:
-                    out = b""
-                    if self.enabled[Direction.OUTPUT] and host is not None:
-                        host.write(data)
-                else:
+                out = b""
+                if s.direction == Direction.INPUT:
                     out = silence(s.params.format, nbytes)
                     if self.enabled[Direction.INPUT] and host is not None:
                         try:
@@ -444,6 +478,7 @@ class SoundBackend(VhostUserBackend):
                             code = Code.S_IO_ERR
                 latency = host.latency_bytes() if host is not None else 0
                 vring.add_used(chain, self._finish(chain, s.direction, code, out, latency))
+                s.head_played = False
                 s.frames += nbytes // s.params.frame_bytes
             vring.signal_used_queue()
         finally:
