@@ -141,7 +141,8 @@ def test_bad_config_writes_and_short_buffers_fail_cleanly(serve_backend, mock_fr
 
 
 # ------------------------------------------------------------------ control socket
-def test_control_socket_is_private_and_serves_several_clients(tmp_path, serve_backend, mock_frontend_factory):
+def test_control_socket_is_private_and_serves_several_clients(no_fd_leak, tmp_path, serve_backend,
+                                                            mock_frontend_factory):
     kbd = VirtualInput("keyboard")
     _, drv = connect(serve_backend, mock_frontend_factory, kbd)
     drv.probe()
@@ -232,7 +233,7 @@ def fake_evdev():
     fake.host.close()
 
 
-def test_evdev_passthrough(fake_evdev, serve_backend, mock_frontend_factory):
+def test_evdev_passthrough(no_fd_leak, fake_evdev, serve_backend, mock_frontend_factory):
     source = EvdevInput(os.dup(fake_evdev.device.fileno()), ioctl=lambda fd, req, arg: fake_evdev.ioctl(
         fake_evdev.device.fileno(), req, arg), grab=True)
     fake_evdev.device.close()
