@@ -173,6 +173,20 @@ class PcmRun:
             self.fe.publish(self.queue)
         return self.completed[start:]
 
+    def collect(self) -> list[Completed]:
+        """Completions already in the used ring (no waiting), each period requeued.
+
+        Called right after a host-side change returned, it separates what the
+        device completed before the change from what it completes afterwards."""
+        used = self.fe.reap(self.queue)
+        start = len(self.completed)
+        self._take(used)
+        for _ in used:
+            self._queue_period()
+        if used:
+            self.fe.publish(self.queue)
+        return self.completed[start:]
+
     def stop(self) -> None:
         """trigger(STOP) then sync_stop: STOP, RELEASE, every message back."""
         self.status["stop"] = self.drv.pcm(Code.R_PCM_STOP, self.stream_id)
