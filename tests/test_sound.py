@@ -373,3 +373,22 @@ def test_no_fd_leak_across_a_stream_and_the_control_socket(no_fd_leak, tmp_path,
     finally:
         server.close()
         backend.close()
+
+
+def test_a_releasing_host_has_no_stream_open_while_a_direction_is_disabled(snd):
+    host = RecordingHost(b"\x07", release_when_disabled=True)
+    backend, drv = snd(host=host, input_enabled=False)
+    run = PcmRun(drv, 1, Direction.INPUT, rate=RATE, channels=1, period_frames=PERIOD_FRAMES)
+    run.start()
+    assert host.opened == []  # PREPARE while disabled: the host microphone stays closed
+    assert all(c.frames == bytes(len(c.frames)) for c in run.pump(3))
+    backend.set_enabled(Direction.INPUT, True)
+    assert [o[:2] for o in host.opened] == [(1, Direction.INPUT)]
+    run.collect()
+    assert any(c.frames[:1] == b"\x07" for c in run.pump(4))
+    backend.set_enabled(Direction.INPUT, False)
+    assert host.closed == 1 and backend.streams[1].host is None
+    run.collect()
+    assert all(c.frames == bytes(len(c.frames)) for c in run.pump(3))
+    run.stop()
+    assert host.closed == 1 and len(host.opened) == 1

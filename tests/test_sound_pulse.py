@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers.procs import reap
-from helpers.sound import frequency, rms, samples, sine
+from helpers.sound import median_block_rms, median_frequency, rms, samples, sine
 from vhostuser.devices.sound import SoundBackend
 from vhostuser.devices.sound.protocol import Direction
 from vhostuser.testing import FrontendOptions
@@ -49,6 +49,13 @@ def pulse_server(tmp_path):
         reap(proc)
 
 
+def record_streams(server: str) -> int:
+    """How many record streams (source outputs) the server has open."""
+    out = subprocess.run(["pactl", "--server", server, "list", "short", "source-outputs"], capture_output=True,
+                         text=True, check=True).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
 def test_a_sine_played_by_the_guest_comes_back_from_the_null_sink_monitor(pulse_server, serve_backend,
                                                                          mock_frontend_factory, tmp_path):
     from vhostuser.devices.sound.pulse import PulseHost
@@ -64,7 +71,7 @@ def test_a_sine_played_by_the_guest_comes_back_from_the_null_sink_monitor(pulse_
             drv = VirtioSndDriver(mock_frontend_factory(serve_backend(backend), FrontendOptions(config_size=12)))
             drv.probe()
             run = PcmRun(drv, 0, Direction.OUTPUT, rate=RATE, channels=1, period_frames=960,  # 20 ms
-                         source=sine(440, RATE, amplitude=10000))
+                         periods=8, source=sine(440, RATE, amplitude=10000))
             run.start()
             run.pump(50)  # one second
             run.stop()
@@ -80,8 +87,9 @@ def test_a_sine_played_by_the_guest_comes_back_from_the_null_sink_monitor(pulse_
     # the middle of the tone: away from its start and end
     middle = s[loud[0] + RATE // 10: loud[-1] - RATE // 10].tobytes()
     assert len(middle) >= RATE  # at least half a second of it
-    assert abs(frequency(middle, RATE) - 440) < 3
-    assert abs(rms(middle) - 10000 / 2 ** 0.5) < 0.1 * 10000 / 2 ** 0.5
+    # a loaded machine may feed the server late (it then inserts silence): judge the tone itself
+    assert abs(median_frequency(middle, RATE) - 440) < 3
+    assert abs(median_block_rms(middle) - 10000 / 2 ** 0.5) < 0.1 * 10000 / 2 ** 0.5
 
 
 def test_capture_from_the_monitor_and_switching_the_input_off(pulse_server, serve_backend, mock_frontend_factory,
@@ -104,11 +112,15 @@ def test_capture_from_the_monitor_and_switching_the_input_off(pulse_server, serv
             if rms(run.pump(1)[0].frames) > 3000:
                 break
         heard = b"".join(c.frames for c in run.pump(20))
-        assert abs(frequency(heard, RATE) - 1000) < 5 and rms(heard) > 3000
+        assert abs(median_frequency(heard, RATE) - 1000) < 5 and median_block_rms(heard) > 3000
         assert backend.command("SET input off") == "OK output=on input=off"
         run.collect()  # completed before the switch (the device completes under the lock SET takes)
         after = run.pump(10)
         assert all(c.frames == bytes(len(c.frames)) for c in after)
+        # the record stream is closed on the server while the input is disabled
+        assert record_streams(pulse_server) == 0
+        assert backend.command("SET input on") == "OK output=on input=on"
+        assert record_streams(pulse_server) == 1
         run.stop()
     finally:
         reap(pacat)

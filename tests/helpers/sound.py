@@ -45,6 +45,23 @@ def frequency(data: bytes, rate: int) -> float:
     return (len(rising) - 1) * rate / (rising[-1] - rising[0])
 
 
+def median_frequency(data: bytes, rate: int) -> float:
+    """From the median distance between rising zero crossings: robust to the
+    gaps a sound server inserts when a loaded machine feeds it late."""
+    s = samples(data)
+    rising = [i for i in range(1, len(s)) if s[i - 1] < 0 <= s[i]]
+    gaps = sorted(b - a for a, b in zip(rising, rising[1:]))
+    return rate / gaps[len(gaps) // 2] if gaps else 0.0
+
+
+def median_block_rms(data: bytes, block: int = 480, floor: float = 1000.0) -> float:
+    """The median RMS of the blocks (``block`` samples) louder than ``floor``."""
+    s = samples(data)
+    levels = sorted(r for r in (rms(s[i:i + block].tobytes()) for i in range(0, len(s) - block, block))
+                    if r > floor)
+    return levels[len(levels) // 2] if levels else 0.0
+
+
 class RecordingStream:
     def __init__(self, host: RecordingHost, direction: Direction, params: PcmParams) -> None:
         self.host, self.direction, self.params = host, direction, params
@@ -72,8 +89,9 @@ class RecordingHost:
 
     name = "recording"
 
-    def __init__(self, input_byte: bytes = b"\x07") -> None:
+    def __init__(self, input_byte: bytes = b"\x07", *, release_when_disabled: bool = False) -> None:
         self.input_byte = input_byte
+        self.release_when_disabled = release_when_disabled
         self.writes: list[tuple[float, bytes]] = []
         self.reads: list[float] = []
         self.flushes = 0

@@ -58,6 +58,8 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 OUTPUT_STREAM, INPUT_STREAM = 0, 1
+#: states in which a stream has its host stream
+_HOST_OPEN_STATES = (PcmState.PREPARE, PcmState.START, PcmState.STOP)
 _LOCK_POLL = 0.02
 
 
@@ -84,8 +86,8 @@ class PcmStream:
     stop: threading.Event = field(default_factory=threading.Event)
     #: bumped when the ring starts or stops: chains of an older session are stale
     session: int = 0
-    #: the first held message's frames already went to the host (output)
-    head_played: bool = False
+    #: how many held messages at the head already went to the host (output)
+    played: int = 0
     #: frames moved / underruns, for tests and logs
     frames: int = 0
     xruns: int = 0
@@ -119,18 +121,43 @@ class SoundBackend(VhostUserBackend):
 
     # ------------------------------------------------------------ enable flags
     def set_enabled(self, direction: Direction, on: bool) -> None:
-        """Enable or disable a direction at once (also for running streams)."""
+        """Enable or disable a direction at once (also for running streams).
+
+        With a host that releases disabled streams (pulse), a disabled direction's
+        server stream is closed (the host microphone is not even open) and opened
+        again when enabled; otherwise input the host buffered meanwhile is flushed."""
         with self.io_lock:
             was = self.enabled[direction]
             self.enabled[direction] = on
-            if on and not was and direction == Direction.INPUT:
-                for s in self.streams:  # audio the host captured while disabled must not leak later
-                    if s.direction == direction and s.host is not None:
+            if on == was:
+                return
+            for s in self.streams:
+                if s.direction != direction or s.params is None or s.state not in _HOST_OPEN_STATES:
+                    continue
+                if self._host_releases:
+                    if on:
                         try:
-                            s.host.flush()
-                        except OSError as exc:
-                            log.warning("sound: flushing host input failed: %s", exc)
+                            self._open_host(s)
+                        except OSError as exc:  # the stream goes on, as if still disabled
+                            log.error("sound: cannot reopen host stream %d: %s", s.id, exc)
+                    else:
+                        self._close_host(s)
+                elif on and direction == Direction.INPUT and s.host is not None:
+                    try:  # audio the host captured while disabled must not leak later
+                        s.host.flush()
+                    except OSError as exc:
+                        log.warning("sound: flushing host input failed: %s", exc)
         log.info("sound: %s %s", direction.name.lower(), "enabled" if on else "disabled")
+
+    @property
+    def _host_releases(self) -> bool:
+        return bool(getattr(self.host, "release_when_disabled", False))
+
+    def _open_host(self, s: PcmStream) -> None:
+        """Open the host stream (call with io_lock held); OSError propagates."""
+        assert s.params is not None
+        if s.host is None:
+            s.host = self.host.open(s.id, s.direction, s.params)
 
     def describe_enabled(self) -> str:
         return " ".join(f"{d.name.lower()}={'on' if self.enabled[d] else 'off'}" for d in Direction)
@@ -174,7 +201,7 @@ class SoundBackend(VhostUserBackend):
         with s.cond:
             s.session += 1
             s.pending.clear()
-            s.head_played = False
+            s.played = 0
 
     @staticmethod
     def _queue_of(s: PcmStream) -> int:
@@ -264,14 +291,15 @@ class SoundBackend(VhostUserBackend):
             raise BadRequest(Code.S_BAD_MSG, f"{code.name} in state {s.state.value} of stream {stream_id}")
         if code == Code.R_PCM_SET_PARAMS:
             s.params = self._params(s, data)
-            self._close_host(s)
+            with self.io_lock:
+                self._close_host(s)
         elif code == Code.R_PCM_PREPARE:
-            if s.host is None:
-                assert s.params is not None
-                try:
-                    s.host = self.host.open(s.id, s.direction, s.params)
-                except OSError as exc:
-                    raise BadRequest(Code.S_IO_ERR, f"host {self.host.name}: {exc}") from exc
+            with self.io_lock:
+                if self.enabled[s.direction] or not self._host_releases:
+                    try:
+                        self._open_host(s)
+                    except OSError as exc:
+                        raise BadRequest(Code.S_IO_ERR, f"host {self.host.name}: {exc}") from exc
         elif code == Code.R_PCM_START:
             s.state = to
             self._start_thread(s)
@@ -280,7 +308,8 @@ class SoundBackend(VhostUserBackend):
         elif code == Code.R_PCM_RELEASE:
             self._stop_thread(s)
             self._complete_all(s)
-            self._close_host(s)
+            with self.io_lock:
+                self._close_host(s)
         s.state = to
         log.debug("sound: stream %d -> %s", stream_id, to.value)
         return b""
@@ -367,7 +396,7 @@ class SoundBackend(VhostUserBackend):
         vring = self.vrings.get(self._queue_of(s))
         with s.cond:
             chains, s.pending = list(s.pending), deque()
-            s.head_played = False
+            s.played = 0
         if not chains or vring is None or not vring.is_running:
             return
         fmt = s.params.format if s.params else Format.S16
@@ -393,6 +422,7 @@ class SoundBackend(VhostUserBackend):
         s.thread = None
 
     def _pace(self, s: PcmStream, stop: threading.Event, session: int) -> None:
+        """The stream's clock: the head message is returned when its frames are due."""
         params = s.params
         assert params is not None
         period = params.seconds(params.period_bytes)
@@ -407,15 +437,16 @@ class SoundBackend(VhostUserBackend):
                     self._underrun(s)
                     deadline = time.monotonic()
                     continue
-                chain = s.pending.popleft()
+                chain = s.pending[0]  # stays held until completed: a stop leaves it there
             try:
                 if not self._play_or_capture(s, chain, deadline, stop, session):
-                    with s.cond:
-                        if s.session == session:
-                            s.pending.appendleft(chain)  # stopped meanwhile: it stays held
                     return
             except (OSError, QueueError) as exc:
                 log.error("sound: stream %d: %s", s.id, exc)
+                with s.cond:
+                    if s.session == session and s.pending and s.pending[0] is chain:
+                        s.pending.popleft()
+                        s.played = max(0, s.played - 1)
             deadline += params.seconds(self._payload_len(chain, s.direction))
             lag = time.monotonic() - deadline
             if lag > params.seconds(params.buffer_bytes):
@@ -433,30 +464,39 @@ class SoundBackend(VhostUserBackend):
             return False
         return True
 
+    def _write_ahead(self, s: PcmStream) -> None:
+        """Output: every held message not yet played goes to the host now (call with
+        the ring's lock held), so the host has the guest's whole buffer queued and
+        does not run dry between two periods of a loaded machine."""
+        with s.cond:
+            todo = list(s.pending)[s.played:]
+            s.played = len(s.pending)
+        for chain in todo:
+            frames = chain.reader()
+            frames.read(XFER.size)
+            data = frames.read(self._payload_len(chain, Direction.OUTPUT))
+            with self.io_lock:
+                if self.enabled[Direction.OUTPUT] and s.host is not None:
+                    s.host.write(data)
+
     def _play_or_capture(self, s: PcmStream, chain: DescriptorChain, deadline: float,
                          stop: threading.Event, session: int) -> bool:
-        """Move one buffer's frames and return it once they have played / been captured.
-        False if the stream stopped first (the chain was not completed).
+        """Return the head message once its frames have played / been captured.
+        False if the stream stopped first (the chain stays held).
 
-        Output is written to the host when its turn comes (so the host never runs
-        dry) and the buffer returned when it has played; input is captured when
-        the buffer's time is over.  Guest memory is only touched under the ring's lock."""
+        Output goes to the host as soon as it is held (see :meth:`_write_ahead`);
+        input is captured when the buffer's time is over.  Guest memory is only
+        touched under the ring's lock."""
         assert s.params is not None
         vring = self.vrings.get(self._queue_of(s))
         if vring is None:
             return False
         nbytes = self._payload_len(chain, s.direction)
-        if s.direction == Direction.OUTPUT and not s.head_played:
+        if s.direction == Direction.OUTPUT:
             if not self._acquire(s, vring, stop, session):
                 return False
             try:
-                frames = chain.reader()
-                frames.read(XFER.size)
-                data = frames.read(nbytes)
-                with self.io_lock:
-                    if self.enabled[Direction.OUTPUT] and s.host is not None:
-                        s.host.write(data)
-                s.head_played = True
+                self._write_ahead(s)
             finally:
                 vring.lock.release()
         if stop.wait(max(0.0, deadline + s.params.seconds(nbytes) - time.monotonic())):
@@ -477,8 +517,10 @@ class SoundBackend(VhostUserBackend):
                             log.error("sound: host capture failed: %s", exc)
                             code = Code.S_IO_ERR
                 latency = host.latency_bytes() if host is not None else 0
+                with s.cond:
+                    s.pending.popleft()
+                    s.played = max(0, s.played - 1)
                 vring.add_used(chain, self._finish(chain, s.direction, code, out, latency))
-                s.head_played = False
                 s.frames += nbytes // s.params.frame_bytes
             vring.signal_used_queue()
         finally:

@@ -112,6 +112,9 @@ class PulseHost:
     environment), playing to ``sink`` and recording from ``source`` (None: defaults)."""
 
     name = "pulse"
+    #: a disabled direction's server stream is closed (the host microphone is not
+    #: open while input is disabled) and opened again when it is enabled
+    release_when_disabled = True
 
     def __init__(self, server: str | None = None, sink: str | None = None, source: str | None = None) -> None:
         _load()  # fail at start-up, not at the guest's first PREPARE
