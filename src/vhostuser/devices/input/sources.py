@@ -196,6 +196,9 @@ class EvdevInput:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             return cls(fd, grab=grab)
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(exc.errno, f"{path}: not a usable evdev device ({exc.strerror})") from exc
         except BaseException:
             os.close(fd)
             raise
