@@ -22,7 +22,7 @@ SCHEMA_TYPES = {"9p", "balloon", "block", "caif", "console", "crypto", "gpu", "i
                 "rpmsg", "rproc-serial", "scsi", "vsock", "fs"}
 #: device types QEMU's schema does not name yet (no QEMU front-end, or none in the schema): the virtio
 #: spec's device name
-UNLISTED_TYPES = {"can", "spi", "scmi", "gpio", "i2c"}
+UNLISTED_TYPES = {"can", "spi", "scmi", "sound", "gpio", "i2c"}
 
 
 def vhostuser(*args: str, **kw) -> subprocess.CompletedProcess[str]:  # noqa: ANN003
