@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,8 @@ def test_events_for_hot_add_and_remove(fe: MockFrontend, tmp_path: Path) -> None
     backend: ScsiBackend = fe.backend  # type: ignore[attr-defined]
     extra = tmp_path / "extra.img"
     extra.write_bytes(bytes(MiB))
-    # no event buffer yet: the event is missed, and the next one says so
+    # no event buffer yet (the ring starts at its first kick): the event is
+    # missed, and the next one says so
     backend.add_lun(2, str(extra))
     assert backend.stats.events_missed == 1
     for _ in range(2):
@@ -253,6 +255,29 @@ def test_events_for_hot_add_and_remove(fe: MockFrontend, tmp_path: Path) -> None
     [second] = fe.wait_used(1, 1, timeout=10)
     assert p.EVENT.unpack(second.data) == (p.EventType.TRANSPORT_RESET, p.encode_lun(0, 2), p.ResetReason.REMOVED)
     check(run(fe, cdb10(0x28, 0, 1), 512, lun=2), p.LUN_NOT_SUPPORTED)
+
+
+def wait_event_queue(backend: ScsiBackend) -> None:
+    """A ring starts at its first kick, on the worker: wait for it."""
+    deadline = time.monotonic() + 10
+    while not backend.event_queue_ready:
+        assert time.monotonic() < deadline, "the event queue never started"
+        time.sleep(0.01)
+
+
+def test_events_missed_before_the_queue_starts_are_reported(no_fd_leak, serve_backend, images) -> None:  # noqa: ANN001
+    backend = ScsiBackend([str(images[0])])
+    try:
+        backend.add_lun(1, str(images[1]))  # no front-end yet: missed
+        assert backend.stats.events_missed == 1
+        path = serve_backend(backend)
+        with MockFrontend.connect(path, OPTS) as front:
+            front.add(1, [], [p.EVENT.size])
+            front.publish(1)
+            [notice] = front.wait_used(1, 1, timeout=10)
+            assert p.EVENT.unpack(notice.data) == (p.EVENTS_MISSED | p.EventType.NO_EVENT, bytes(8), 0)
+    finally:
+        backend.close()
 
 
 def test_lun_spec() -> None:
@@ -330,6 +355,7 @@ def test_a_request_on_the_event_queue_is_returned_unused(fe: MockFrontend, tmp_p
     wrong = fe.add(1, [cmd(bytes(6))], [RESP])  # a request-queue chain on the event queue
     good_buf = fe.add(1, [], [p.EVENT.size])
     fe.publish(1)
+    wait_event_queue(backend)
     backend.add_lun(3, str(extra))
     used = {u.token: u for u in fe.wait_used(1, 2, timeout=10)}
     assert used[wrong].length == 0

@@ -133,12 +133,8 @@ class ScsiBackend(VhostUserBackend):
         with vring.lock, self._lock:
             if not vring.is_running:
                 return self._missed(event, lun)
-            while (chain := vring.pop_descriptor_chain()) is not None:
-                if chain.readable_len or chain.writable_len < p.EVENT.size:
-                    log.warning("event-queue buffer with %d readable / %d writable bytes (needs %d "
-                                "writable): returned unused", chain.readable_len, chain.writable_len, p.EVENT.size)
-                    vring.add_used(chain, 0)
-                    continue
+            chain = self._pop_event_buffer(vring)
+            if chain is not None:
                 code = int(event) | (p.EVENTS_MISSED if self._events_missed else 0)
                 chain.writer().write_obj(p.EVENT, code, p.encode_lun(0, lun), int(reason))
                 vring.add_used(chain, p.EVENT.size)
@@ -148,6 +144,41 @@ class ScsiBackend(VhostUserBackend):
                 return True
             vring.signal_used_queue()
             return self._missed(event, lun)
+
+    @staticmethod
+    def _pop_event_buffer(vring: VringState):  # noqa: ANN205 - a DescriptorChain or None
+        """The next usable event buffer; wrong-shaped ones are returned unused."""
+        while (chain := vring.pop_descriptor_chain()) is not None:
+            if not chain.readable_len and chain.writable_len >= p.EVENT.size:
+                return chain
+            log.warning("event-queue buffer with %d readable / %d writable bytes (needs %d writable): "
+                        "returned unused", chain.readable_len, chain.writable_len, p.EVENT.size)
+            vring.add_used(chain, 0)
+        return None
+
+    @property
+    def event_queue_ready(self) -> bool:
+        """The event queue is started: :meth:`post_event` can deliver (if the
+        driver has given buffers)."""
+        vring = self._event_vring
+        return vring is not None and vring.is_running
+
+    def _deliver_missed_notice(self) -> None:
+        """NO_EVENT | EVENTS_MISSED in the next buffer, if there is one (Linux
+        then rescans the bus); without a buffer the notice stays pending."""
+        vring = self._event_vring
+        if vring is None:
+            return
+        with vring.lock, self._lock:
+            if not self._events_missed or not vring.is_running:
+                return
+            chain = self._pop_event_buffer(vring)
+            if chain is not None:
+                chain.writer().write_obj(p.EVENT, p.EventType.NO_EVENT | p.EVENTS_MISSED, bytes(8), 0)
+                vring.add_used(chain, p.EVENT.size)
+                self._events_missed = False
+                self.stats.events_posted += 1
+            vring.signal_used_queue()
 
     def _missed(self, event: int, lun: int) -> bool:
         with self._lock:
@@ -175,6 +206,9 @@ class ScsiBackend(VhostUserBackend):
         if index == p.EVENT_QUEUE:
             with self._lock:
                 self._event_vring = vring
+                missed = self._events_missed
+            if missed:  # events came before the queue started: tell the driver (it rescans)
+                self._deliver_missed_notice()
             return
         try:
             self.process_queue(vring)
@@ -194,7 +228,7 @@ class ScsiBackend(VhostUserBackend):
         if device_event == p.EVENT_QUEUE:
             # new event buffers: deliver a pending "events missed" notice
             if self._events_missed:
-                self.post_event(p.EventType.NO_EVENT, 0, 0)
+                self._deliver_missed_notice()
             return
         self.process_queue(vrings[device_event])
 
