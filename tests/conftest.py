@@ -29,7 +29,7 @@ extension fails the run (the project's rule for missing peers).
 Hypothesis: in CI (``CI=true``) the ``ci`` profile is loaded: no deadline (a
 loaded 2-core machine makes timings meaningless), no ``too_slow`` /
 ``data_too_large`` health checks, and ``fuzz_examples(n)`` (the example count of
-the fuzz tests) is scaled up by ``VHOSTUSER_FUZZ_SCALE`` (default 3).
+the fuzz tests) is scaled up by ``VHOSTUSER_FUZZ_SCALE`` (default 2).
 
 The leak checks compare the set of this process's open fds before and after and fail with
 the leaked fds and what they point to (``/proc/self/fd/N`` link target).  Objects
@@ -59,7 +59,7 @@ if IN_CI:
 
 def fuzz_examples(n: int) -> int:
     """``max_examples`` for a fuzz test that runs ``n`` examples locally: more in CI."""
-    return n * int(os.environ.get("VHOSTUSER_FUZZ_SCALE", "3")) if IN_CI else n
+    return n * int(os.environ.get("VHOSTUSER_FUZZ_SCALE", "2")) if IN_CI else n
 
 
 def native_required() -> bool:
