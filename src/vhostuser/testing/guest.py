@@ -715,7 +715,7 @@ class VhostUserDevice:
     7.2).  For ``fs`` a ``tag=vhostuser`` is added unless ``extra`` has a tag.
 
     The back-end must already listen when QEMU starts (QEMU is the client and,
-    for rng/vsock/fs, fails or hangs otherwise; see QEMU-7.2-FACTS.md).
+    for rng/vsock/fs, fails or hangs otherwise: see ``docs/guest-rig.md``).
     """
 
     kind: str
