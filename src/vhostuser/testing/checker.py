@@ -621,7 +621,7 @@ def format_report(results: Sequence[CheckResult]) -> str:
     elif real_failures:
         verdict = "DOES NOT CONFORM"
     elif failed or not_run:
-        verdict = "INCOMPLETE (the back-end exited; --restart-per-check starts one per check)"
+        verdict = "INCOMPLETE (the back-end exited)"
     else:
         verdict = "NOTHING CHECKED (no check passed)"
     counts = f"{passed} passed, {failed} failed, {warned} warnings, {skipped} skipped"
