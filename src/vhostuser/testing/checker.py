@@ -142,9 +142,9 @@ class BackendProcess:
         OSError: from :meth:`start`, when the command cannot be executed.
     """
 
-    def __init__(self, command: str, socket_path: str, timeout: float = 10.0) -> None:
-        self.argv = [a.replace("{socket}", socket_path) for a in shlex.split(command)]
-        self.socket_path = socket_path
+    def __init__(self, command: str, socket_path: str | os.PathLike[str], timeout: float = 10.0) -> None:
+        self.socket_path = os.fspath(socket_path)
+        self.argv = [a.replace("{socket}", self.socket_path) for a in shlex.split(command)]
         self.timeout = timeout
         self.proc: subprocess.Popen[bytes] | None = None
         #: how many times the process was started
@@ -499,7 +499,7 @@ CHECKS: list[tuple[str, Callable[[CheckContext], str], bool]] = [
 CHECK_NAMES: tuple[str, ...] = tuple(name for name, _, _ in CHECKS)
 
 
-def run_checks(socket_path: str, *, device: str | None = None, options: FrontendOptions | None = None,
+def run_checks(socket_path: str | os.PathLike[str], *, device: str | None = None, options: FrontendOptions | None = None,
                timeout: float = 5.0, only: Sequence[str] | None = None,
                progress: Callable[[CheckResult], None] | None = None,
                backend: BackendProcess | None = None, restart_each: bool = False) -> list[CheckResult]:
@@ -535,7 +535,7 @@ def run_checks(socket_path: str, *, device: str | None = None, options: Frontend
                                       data_size=128 << 10, timeout=timeout, reply_timeout=timeout)
     if profile is not None:
         base = profile.options(base)
-    ctx = CheckContext(socket_path, base, profile, timeout)
+    ctx = CheckContext(os.fspath(socket_path), base, profile, timeout)
     selected = []
     for name, fn, required in CHECKS:
         if name == "device" and profile is not None:

@@ -56,6 +56,9 @@ from vhostuser.errors import VhostUserError
 __all__ = [
     "GuestError",
     "GuestPrerequisiteError",
+    "GuestUnsupportedDeviceError",
+    "TCG_UNSUPPORTED",
+    "check_tcg_support",
     "GuestKernelError",
     "GuestBootError",
     "GuestTimeout",
@@ -90,6 +93,11 @@ class GuestError(VhostUserError):
 
 class GuestPrerequisiteError(GuestError):
     """A host tool the rig needs is missing; the message names the Debian package."""
+
+
+class GuestUnsupportedDeviceError(GuestError):
+    """QEMU cannot run this vhost-user device under TCG (the rig never has KVM):
+    raised before anything is booted.  See :data:`TCG_UNSUPPORTED`."""
 
 
 class GuestKernelError(GuestError):
@@ -161,6 +169,31 @@ VHOST_USER_KINDS: dict[str, str] = {
     "gpio": "vhost-user-gpio-pci",
     "i2c": "vhost-user-i2c-pci",
 }
+
+#: vhost-user devices QEMU refuses to realize without KVM, with the reason.  The
+#: rig always runs TCG, so asking for one fails up front
+#: (:class:`GuestUnsupportedDeviceError`) instead of after a boot attempt.  QEMU 7.2
+#: exits with "vhost initialization failed: requires kvm" for both; test such a
+#: back-end with the mock front-end (:class:`vhostuser.testing.MockFrontend`).
+TCG_UNSUPPORTED: dict[str, str] = {
+    "vhost-user-input-pci": "QEMU 7.2 realizes vhost-user-input only with KVM "
+                            "(\"vhost initialization failed: requires kvm\")",
+    "vhost-user-gpu-pci": "QEMU 7.2 realizes vhost-user-gpu only with KVM "
+                          "(\"vhost initialization failed: requires kvm\")",
+}
+
+
+def check_tcg_support(devices: Sequence[VhostUserDevice | str]) -> None:
+    """Raise :class:`GuestUnsupportedDeviceError` if a device in ``devices`` (a
+    :class:`VhostUserDevice` or a raw ``-device`` string) cannot run under TCG."""
+    for dev in devices:
+        driver = dev.driver if isinstance(dev, VhostUserDevice) else _device_driver(dev)
+        reason = TCG_UNSUPPORTED.get(driver)
+        if reason:
+            raise GuestUnsupportedDeviceError(
+                f"{driver}: {reason}; the guest rig runs QEMU under TCG (no KVM), so it cannot boot this "
+                "device. Test the back-end with vhostuser.testing.MockFrontend instead (docs/guest-rig.md)")
+
 
 #: Host tool -> Debian package that provides it.
 _TOOLS: dict[str, str] = {
@@ -387,7 +420,7 @@ def _download(package: str, dest: Path) -> Path:
     )
 
 
-def fetch_kernel(package: str | None = None, *, cache: Path | None = None) -> Kernel:
+def fetch_kernel(package: str | None = None, *, cache: str | os.PathLike[str] | None = None) -> Kernel:
     """Return the unpacked guest kernel, downloading it into the cache if needed.
 
     ``package`` defaults to what ``linux-image-amd64`` depends on.  If apt cannot
@@ -397,7 +430,7 @@ def fetch_kernel(package: str | None = None, *, cache: Path | None = None) -> Ke
     (except for ``apt-get update``, run only when apt does not know the package).
     Safe to call concurrently from several processes (flock).
     """
-    cache = cache or cache_dir()
+    cache = Path(cache) if cache is not None else cache_dir()
     if package is None:
         try:
             package = resolve_kernel_package()
@@ -616,7 +649,7 @@ def build_initramfs(
     extra_files: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     *,
     kernel: Kernel | None = None,
-    cache: Path | None = None,
+    cache: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Build (or reuse) an initramfs that runs ``script`` and return its path.
 
@@ -655,7 +688,7 @@ def build_initramfs(
     for guest_path in sorted(files):
         data, mode = files[guest_path]
         h.update(guest_path.encode() + b"\0" + str(mode).encode() + b"\0" + hashlib.sha256(data).digest())
-    out_dir = (cache or cache_dir()) / "initramfs"
+    out_dir = (Path(cache) if cache is not None else cache_dir()) / "initramfs"
     out = out_dir / f"{h.hexdigest()[:32]}.cpio.gz"
     if out.exists():
         os.utime(out)  # keep it from being pruned
@@ -1038,7 +1071,7 @@ def start_guest(
     machine: str = "q35",
     append: str = "",
     kernel: Kernel | None = None,
-    workdir: Path | None = None,
+    workdir: str | os.PathLike[str] | None = None,
 ) -> GuestProcess:
     """Boot a guest that runs ``script`` (busybox ``sh``) and return at once.
 
@@ -1047,7 +1080,12 @@ def start_guest(
     :data:`DEVICE_MODULES`).  ``timeout`` counts from now.  ``workdir`` (kept
     afterwards) receives the console log and QEMU's stderr; by default a
     temporary directory is used and removed.
+
+    Raises :class:`GuestUnsupportedDeviceError` at once for a device QEMU cannot
+    run under TCG (:data:`TCG_UNSUPPORTED`), :class:`GuestPrerequisiteError` for a
+    missing host tool, :class:`GuestKernelError` if no guest kernel can be had.
     """
+    check_tcg_support(devices)
     check_prerequisites()
     kernel = kernel or fetch_kernel()
     wanted: list[str] = []
@@ -1060,6 +1098,7 @@ def start_guest(
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="vhostuser-guest-"))
     else:
+        workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
     console_path = workdir / "console.log"
     cmd = qemu_command(kernel, initramfs, devices=devices, memory=memory, cpus=cpus, machine=machine,
@@ -1085,7 +1124,7 @@ def run_guest(
     machine: str = "q35",
     append: str = "",
     kernel: Kernel | None = None,
-    workdir: Path | None = None,
+    workdir: str | os.PathLike[str] | None = None,
 ) -> GuestResult:
     """Boot a guest, run ``script`` in it, wait for power-off, return the result.
 
