@@ -1153,6 +1153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run", help="boot a guest and run a shell script in it")
     r.add_argument("script", help="shell code to run in the guest")
     r.add_argument("--device", action="append", default=[], help="raw -device string (repeatable)")
+    r.add_argument("--vhost-user", action="append", default=[], metavar="KIND=SOCKET",
+                   help="a vhost-user device whose back-end listens on SOCKET, e.g. rng=/tmp/rng.sock (repeatable)")
     r.add_argument("--module", action="append", default=[], help="extra guest module (repeatable)")
     r.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args(argv)
@@ -1166,7 +1168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             k = fetch_kernel(args.package)
             out.write(f"{k.package} {k.version}\n{k.vmlinuz}\n{k.modules_dir}\n")
         else:
-            res = run_guest(args.script, devices=args.device, modules=args.module, timeout=args.timeout)
+            devices: list[VhostUserDevice | str] = list(args.device)
+            for spec in args.vhost_user:
+                kind, sep, path = spec.partition("=")
+                if not sep or not kind or not path:
+                    parser.error(f"--vhost-user wants KIND=SOCKET, not {spec!r}")
+                devices.append(VhostUserDevice(kind, path))
+            res = run_guest(args.script, devices=devices, modules=args.module, timeout=args.timeout)
             out.write(res.output)
             out.write(f"\n[status {res.status}, {res.duration:.1f} s, script started at guest uptime {res.script_start} s]\n")
             return res.status
