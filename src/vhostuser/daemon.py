@@ -115,6 +115,7 @@ class VhostUserDaemon:
 
     @property
     def running(self) -> bool:
+        """Whether the daemon's protocol thread runs (started and not yet stopped)."""
         return self._thread is not None and self._thread.is_alive()
 
     def __enter__(self) -> VhostUserDaemon:

@@ -85,6 +85,7 @@ class VringState:
     # ------------------------------------------------------------------ state
     @property
     def state(self) -> RingState:
+        """The ring's state as the spec names it: stopped, started and enabled, or started and disabled."""
         if not self.started:
             return RingState.STOPPED
         return RingState.STARTED_ENABLED if self.enabled else RingState.STARTED_DISABLED
@@ -201,6 +202,7 @@ class VringState:
         self._running_queue().add_used_batch(entries)
 
     def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was just used (EVENT_IDX / NO_INTERRUPT aware); :meth:`signal_used_queue` asks this itself."""
         return self._running_queue().needs_notification()
 
     def signal_used_queue(self) -> bool:
@@ -222,6 +224,7 @@ class VringState:
         return self._running_queue().enable_notification()
 
     def disable_notification(self) -> None:
+        """Ask the driver not to kick (while the device polls the ring); :meth:`enable_notification` turns kicks back on."""
         self._running_queue().disable_notification()
 
     def fail(self, exc: Exception) -> None:

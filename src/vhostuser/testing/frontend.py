@@ -1010,9 +1010,11 @@ class LoadStats:
 
     @property
     def requests_per_second(self) -> float:
+        """Completed requests per second of the run (0 if it took no time)."""
         return self.requests / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
+        """The counters as a JSON-ready dict, ``requests_per_second`` included."""
         d = dataclasses.asdict(self)
         d["requests_per_second"] = self.requests_per_second
         return d
