@@ -21,7 +21,7 @@ class EchoBackend(VhostUserBackend):
     num_queues = 1
     max_queue_size = 256
 
-    def handle_event(self, device_event, vrings, thread_id):
+    def handle_event(self, device_event, evset, vrings, thread_id):
         vring = vrings[device_event]
         while chains := vring.pop_batch():  # until the ring is empty: one kick may cover many batches
             used = []

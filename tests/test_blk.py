@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vhostuser import EVENT_READ
 from vhostuser.devices.blk import image as image_mod
 from vhostuser.devices.blk.cli import CAPABILITIES
 from vhostuser.devices.blk.device import BlkBackend
@@ -503,7 +504,7 @@ def test_backend_serves_a_ring(image_path: Path, packed: bool, event_idx: bool, 
             tokens[drv.add([hdr(T.OUT, i * 8), pattern(4096, seed=i)], [1])] = i
         drv.publish()
         assert drv.kick_needed()
-        assert bench.backend.handle_event(0, [bench.vring], 0) is None
+        assert bench.backend.handle_event(0, EVENT_READ, {0: bench.vring}, 0) is None
         used = drv.get_used()
         assert sorted(tokens[t] for t, _ in used) == list(range(40))
         assert all(length == 1 for _, length in used)
@@ -534,7 +535,7 @@ def test_backend_hostile_ring_fails_the_queue_not_the_image(image_path: Path) ->
         drv.push_avail(0)
         drv.publish()
         with pytest.raises(QueueError):
-            bench.backend.handle_event(0, [bench.vring], 0)
+            bench.backend.handle_event(0, EVENT_READ, {0: bench.vring}, 0)
         assert os.stat(image_path).st_blocks == 0
     finally:
         bench.close()

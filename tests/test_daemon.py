@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 from conftest import check_no_fd_leak, open_fds
@@ -17,7 +17,8 @@ from conftest import check_no_fd_leak, open_fds
 from vhostuser.backend import FIRST_DEVICE_TOKEN
 from vhostuser.daemon import VhostUserDaemon
 from vhostuser.errors import VringFailed
-from vhostuser.sys_util import new_event_consumer_and_notifier
+from vhostuser import EVENT_ERROR, EVENT_READ, EVENT_WRITE
+from vhostuser.sys_util import Poller, SelectorKind, new_event_consumer_and_notifier
 from vhostuser.testing import EchoBackend, FrontendOptions, MockFrontend
 from vhostuser.vring import VringState
 
@@ -196,11 +197,13 @@ class DeviceFdEcho(EchoBackend):
         super().__init__(2, queues_per_thread=[0b01, 0b10])
         self.fired = threading.Event()
         self.seen: list[tuple[int, int, str]] = []
+        self.evsets: list[int] = []
         self.consumer, self.notifier = new_event_consumer_and_notifier()
 
-    def handle_device_event(self, token: int, thread_id: int) -> None:
+    def handle_device_event(self, token: int, evset: int, thread_id: int) -> None:
         self.consumer.consume()
         self.seen.append((token, thread_id, threading.current_thread().name))
+        self.evsets.append(evset)
         self.fired.set()
 
     def close(self) -> None:
@@ -221,7 +224,105 @@ def test_register_fd_delivers_device_events(serve_backend) -> None:
     with MockFrontend.connect(path, SMALL) as fe:  # the rings still work beside it
         assert fe.request(1, [b"q1"], [2]).data == b"q1"
     assert backend.seen[0][2] in backend.threads[1]
-    backend.unregister_fd(backend.consumer.fileno(), thread_id=1)
+    assert backend.evsets[0] == EVENT_READ
+    assert backend.unregister_fd(backend.consumer.fileno())
+    assert not backend.unregister_fd(backend.consumer.fileno())  # a no-op the second time
+
+
+def test_handle_event_gets_only_the_workers_vrings(serve_backend) -> None:
+    backend = EchoBackend(3, queues_per_thread=[0b101, 0b010])
+    path = serve_backend(backend)
+    with MockFrontend.connect(path, SMALL) as fe:
+        for q in range(3):
+            assert fe.request(q, [b"x"], [1]).data == b"x"
+    assert backend.vrings_seen == [{frozenset({0, 2})}, {frozenset({1})}, {frozenset({0, 2})}]
+
+
+def test_register_fd_before_the_daemon_starts_and_again(serve_backend) -> None:
+    """Registrations made before the daemon exists apply when it starts;
+    registering again updates (no error); an unknown thread is refused once the
+    daemon runs."""
+    backend = DeviceFdEcho()
+    token = FIRST_DEVICE_TOKEN + 1
+    backend.register_fd(backend.consumer, token, thread_id=1)
+    backend.register_fd(backend.consumer, token, thread_id=1)  # idempotent
+    assert len(backend.fd_registry) == 1 and not backend.fd_registry.bound
+    serve_backend(backend)
+    assert backend.fd_registry.bound and backend.fd_registry.num_threads == 2
+    backend.notifier.notify()
+    assert backend.fired.wait(5)
+    assert backend.seen[-1][:2] == (token, 1)
+    backend.fired.clear()
+    backend.register_fd(backend.consumer, token + 1, thread_id=0)  # moves it to worker 0, new token
+    backend.notifier.notify()
+    assert backend.fired.wait(5)
+    assert backend.seen[-1][:2] == (token + 1, 0)
+    with pytest.raises(ValueError, match="no worker thread 2"):
+        backend.register_fd(backend.consumer, token, thread_id=2)
+    backend.unregister_fd(backend.consumer)
+
+
+class WritableWatcher(EchoBackend):
+    """Registers a socket for EVENT_WRITE in vring_started (again at every
+    reconnect) and records the evset it wakes with."""
+
+    TOKEN = FIRST_DEVICE_TOKEN + 3
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.a, self.b = socket.socketpair()
+        self.evsets: list[int] = []
+        self.woke = threading.Event()
+
+    def vring_started(self, index: int, vring: VringState) -> None:
+        super().vring_started(index, vring)
+        self.register_fd(self.a, self.TOKEN, events=EVENT_READ | EVENT_WRITE)
+
+    def handle_device_event(self, token: int, evset: int, thread_id: int) -> None:
+        self.evsets.append(evset)
+        self.woke.set()
+        if evset & EVENT_READ and not evset & EVENT_ERROR:
+            self.a.recv(100)
+        # stop watching writability once seen, or the worker would spin
+        self.modify_fd(self.a, self.TOKEN, EVENT_READ)
+
+
+def test_evset_tells_why_and_vring_started_may_register_again(serve_backend) -> None:
+    backend = WritableWatcher()
+    path = serve_backend(backend)
+    try:
+        for _ in range(3):  # each session starts the ring and registers again
+            backend.woke.clear()
+            with MockFrontend.connect(path, SMALL) as fe:
+                assert fe.request(0, [b"y"], [1]).data == b"y"
+                assert backend.woke.wait(5)
+                assert backend.evsets[-1] == EVENT_WRITE
+                backend.woke.clear()
+                backend.b.send(b"z")
+                assert backend.woke.wait(5)
+                assert backend.evsets[-1] == EVENT_READ
+        assert [c for c in backend.hook_calls if c[0] == "started"] == [("started", 0)] * 3
+        with Poller() as probe:  # the kind the workers use (VHOSTUSER_SELECTOR may force one)
+            says_why = probe.kind in (SelectorKind.EPOLL, SelectorKind.POLL)
+        if says_why:
+            backend.woke.clear()
+            backend.b.close()  # hang-up: readable, with EVENT_ERROR where the OS says why
+            assert backend.woke.wait(5)
+            assert backend.evsets[-1] & EVENT_ERROR
+    finally:
+        backend.unregister_fd(backend.a)
+        backend.a.close()
+        backend.b.close()
+
+
+def test_top_level_exports_what_a_device_author_catches() -> None:
+    import vhostuser
+
+    for name in ("QueueBroken", "ChainTooShort", "QueueUsageError", "QueueNotReady", "DeviceError",
+                 "GuestAddressError", "InvalidDescriptorError", "FdRegistry", "EVENT_READ", "EVENT_WRITE",
+                 "EVENT_ERROR", "FIRST_DEVICE_TOKEN"):
+        assert name in vhostuser.__all__ and getattr(vhostuser, name) is not None
+    assert issubclass(vhostuser.ChainTooShort, vhostuser.DeviceError)
 
 
 # ----------------------------------------------------- connections & lifetime
@@ -233,13 +334,13 @@ class HoldingEcho(EchoBackend):
         self.held: list = []
         self.holding = threading.Event()
 
-    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState], thread_id: int) -> None:
         if device_event == 0:
             self.held.extend(vrings[0].pop_batch())
             if self.held:
                 self.holding.set()
             return
-        super().handle_event(device_event, vrings, thread_id)
+        super().handle_event(device_event, evset, vrings, thread_id)
 
     def vring_stopped(self, index: int, vring: VringState) -> None:
         super().vring_stopped(index, vring)

@@ -28,7 +28,7 @@ class Exporter(VhostUserBackend):
     def protocol_features(self) -> PF:
         return super().protocol_features() | PF.SHARED_OBJECT
 
-    def handle_event(self, device_event, vrings, thread_id):  # noqa: ANN001
+    def handle_event(self, device_event, evset, vrings, thread_id):  # noqa: ANN001
         vring = vrings[device_event]
         while chains := vring.pop_batch():
             for chain in chains:

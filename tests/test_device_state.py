@@ -29,7 +29,7 @@ class Counter(VhostUserBackend):
         self.value = value
         self.blob = blob
 
-    def handle_event(self, device_event, vrings, thread_id):  # noqa: ANN001 - unused here
+    def handle_event(self, device_event, evset, vrings, thread_id):  # noqa: ANN001 - unused here
         pass
 
     def save_state(self) -> bytes:

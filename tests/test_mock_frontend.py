@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import pytest
 from conftest import check_no_fd_leak
@@ -192,7 +192,7 @@ class Chatty(EchoBackend):
     def protocol_features(self) -> PF:
         return super().protocol_features() | PF.SHARED_OBJECT
 
-    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState], thread_id: int) -> None:
         vring = vrings[device_event]
         for chain in vring.pop_batch():
             cmd = chain.reader().read_all()

@@ -15,6 +15,7 @@ from vhostuser.sys_util import (
     AVAILABLE_EVENT_KINDS,
     AVAILABLE_SELECTOR_KINDS,
     DEFAULT_SELECTOR_KIND,
+    EVENT_ERROR,
     EVENT_READ,
     EVENT_WRITE,
     EventKind,
@@ -85,10 +86,27 @@ def test_hangup_reported_as_readable(poller: Poller, no_fd_leak: None) -> None:
     try:
         poller.register(rfd, 5)
         os.close(wfd)
-        assert poller.wait(5) == [(5, EVENT_READ)]
+        # epoll and poll say why (EVENT_ERROR); kqueue and select cannot
+        expect = EVENT_READ | EVENT_ERROR if poller.kind in (SelectorKind.EPOLL, SelectorKind.POLL) else EVENT_READ
+        assert poller.wait(5) == [(5, expect)]
         poller.unregister(rfd)
     finally:
         os.close(rfd)
+
+
+def test_error_reported_with_registered_events(poller: Poller, no_fd_leak: None) -> None:
+    """A socket whose peer is gone: EVENT_ERROR (epoll, poll) beside the events
+    the fd was registered for, and never an event it was not registered for."""
+    a, b = socket.socketpair()
+    with a, b:
+        poller.register(a, 9, EVENT_WRITE)
+        assert poller.wait(5) == [(9, EVENT_WRITE)]
+        b.close()
+        ready = dict(poller.wait(5))
+        assert ready[9] & EVENT_WRITE and not ready[9] & EVENT_READ
+        if poller.kind in (SelectorKind.EPOLL, SelectorKind.POLL):
+            assert ready[9] & EVENT_ERROR
+        poller.unregister(a)
 
 
 def test_bad_fd_rejected(poller: Poller) -> None:

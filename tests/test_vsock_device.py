@@ -12,6 +12,7 @@ from collections import deque
 from vhostuser.devices.vsock.device import RX_QUEUE, TX_QUEUE, VsockBackend
 from vhostuser.devices.vsock.engine import VsockEngineConfig
 from vhostuser.devices.vsock.packet import HDR_SIZE, HOST_CID, SHUTDOWN_BOTH, Op, VsockHeader
+from vhostuser import EVENT_READ
 from vhostuser.errors import ChainTooShort
 from vhostuser.worker import Worker
 
@@ -99,7 +100,7 @@ def test_glue_moves_packets_between_rings_and_host(tmp_path, no_fd_leak) -> None
     rx, tx = FakeVring(), FakeVring()
     vrings = [rx, tx]
     worker = Worker(0, backend, vrings, [0, 1], threading.RLock())  # type: ignore[arg-type]
-    backend._workers = [worker]  # noqa: SLF001 - what the daemon's handler does
+    backend.fd_registry.bind([worker])  # what the daemon does when it starts
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(f"{uds}_99")
     listener.listen(1)
@@ -110,7 +111,7 @@ def test_glue_moves_packets_between_rings_and_host(tmp_path, no_fd_leak) -> None
 
         def deliver_tx(hdr: VsockHeader, payload: bytes = b"") -> None:
             tx.avail.append(FakeChain(hdr.pack() + payload))
-            backend.handle_event(TX_QUEUE, vrings, 0)  # type: ignore[arg-type]
+            backend.handle_event(TX_QUEUE, EVENT_READ, dict(enumerate(vrings)), 0)  # type: ignore[arg-type]
 
         def rx_packets() -> list[tuple[VsockHeader, bytes]]:
             out = []
@@ -123,7 +124,7 @@ def test_glue_moves_packets_between_rings_and_host(tmp_path, no_fd_leak) -> None
 
         def poll_once(timeout: float) -> None:
             for token, _ev in worker.poller.wait(timeout):
-                backend.handle_event(token, vrings, 0)  # type: ignore[arg-type]
+                backend.handle_event(token, EVENT_READ, dict(enumerate(vrings)), 0)  # type: ignore[arg-type]
 
         def hdr(op: int, length: int = 0, flags: int = 0) -> VsockHeader:
             return VsockHeader(7, HOST_CID, 1000, 99, length, 1, op, flags, 65536, 0)
@@ -136,7 +137,7 @@ def test_glue_moves_packets_between_rings_and_host(tmp_path, no_fd_leak) -> None
         assert not rx.used
         for _ in range(4):
             rx.avail.append(FakeChain(size=4096))
-        backend.handle_event(RX_QUEUE, vrings, 0)  # type: ignore[arg-type]
+        backend.handle_event(RX_QUEUE, EVENT_READ, dict(enumerate(vrings)), 0)  # type: ignore[arg-type]
         (resp, _), = rx_packets()
         assert resp.op == Op.RESPONSE and resp.dst_cid == 7 and resp.buf_alloc == 65536
 
@@ -155,12 +156,12 @@ def test_glue_moves_packets_between_rings_and_host(tmp_path, no_fd_leak) -> None
                 got += payload
             while len(rx.avail) < 4:
                 rx.avail.append(FakeChain(size=4096))
-            backend.handle_event(RX_QUEUE, vrings, 0)  # type: ignore[arg-type]
+            backend.handle_event(RX_QUEUE, EVENT_READ, dict(enumerate(vrings)), 0)  # type: ignore[arg-type]
         assert bytes(got) == b"x" * 10000
 
         # a truncated tx chain is dropped, not fatal
         tx.avail.append(FakeChain(hdr(Op.RW, 50).pack() + b"short"))
-        backend.handle_event(TX_QUEUE, vrings, 0)  # type: ignore[arg-type]
+        backend.handle_event(TX_QUEUE, EVENT_READ, dict(enumerate(vrings)), 0)  # type: ignore[arg-type]
 
         # clean close
         deliver_tx(hdr(Op.SHUTDOWN, flags=SHUTDOWN_BOTH))

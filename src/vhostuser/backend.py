@@ -8,7 +8,7 @@ smallest device overrides :attr:`num_queues`, :meth:`features` and
     class Echo(VhostUserBackend):
         num_queues = 1
 
-        def handle_event(self, device_event, vrings, thread_id):
+        def handle_event(self, device_event, evset, vrings, thread_id):
             vring = vrings[device_event]
             while chains := vring.pop_batch():      # drain the ring, a batch at a time
                 for chain in chains:
@@ -29,27 +29,25 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from uuid import UUID
 from typing import TYPE_CHECKING, ClassVar
 
 from .errors import DeviceError
+from .fd_registry import FIRST_DEVICE_TOKEN, FdRegistry
 from .protocol.message import VhostUserProtocolFeatures as PF
 from .protocol.message import VirtioFeatures
-from .sys_util.poll import EVENT_READ
+from .sys_util.poll import EVENT_READ, FileDescriptorLike
 
 if TYPE_CHECKING:
     from .backend_channel import BackendChannel
     from .memory import GuestMemory
     from .sys_util.event import EventConsumer
     from .vring import VringState
-    from .worker import Worker
+
+__all__ = ["FIRST_DEVICE_TOKEN", "VhostUserBackend"]
 
 log = logging.getLogger(__name__)
-
-#: Token values at or above this are free for a device's own fds
-#: (see :meth:`VhostUserBackend.register_fd`); below it they name vrings.
-FIRST_DEVICE_TOKEN = 1 << 16
 
 
 class VhostUserBackend:
@@ -80,7 +78,8 @@ class VhostUserBackend:
         self._event_idx = False
         self.memory: GuestMemory | None = None
         self.backend_channel: BackendChannel | None = None
-        self._workers: list[Worker] = []
+        #: the device's own fds that the daemon's workers watch (see :meth:`register_fd`)
+        self.fd_registry = FdRegistry()
         self._state_transfer: threading.Thread | None = None
         self._state_error: Exception | None = None
 
@@ -178,15 +177,21 @@ class VhostUserBackend:
         """
         return None
 
-    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
-        """Process an event.
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState],
+                     thread_id: int) -> None:
+        """Process an event on worker thread ``thread_id`` (rust-vmm's argument order).
 
         ``device_event`` is the index of a queue whose kick fd fired (the ring is
         started and enabled), or a token the device registered with
-        :meth:`register_fd`.  ``vrings`` are all of the device's vrings, indexed
-        by queue index.  Raising an exception fails the queue it names: the
-        error is logged, the vring's error fd is signalled, and the daemon keeps
-        serving.
+        :meth:`register_fd`.  ``evset`` says why: a mask of
+        :data:`~vhostuser.EVENT_READ`, :data:`~vhostuser.EVENT_WRITE` and
+        :data:`~vhostuser.EVENT_ERROR` (always EVENT_READ for a kick).
+        ``vrings`` maps queue index to :class:`~vhostuser.vring.VringState` for the
+        queues this worker serves (:meth:`queues_per_thread`), and only those.
+
+        Raising an exception while handling a queue fails that queue: the error
+        is logged, the vring's error fd is signalled, and the daemon keeps
+        serving.  An exception while handling a device token is logged.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement handle_event()")
 
@@ -201,31 +206,28 @@ class VhostUserBackend:
         SET_VRING_ENABLE 0, reset, disconnect)."""
 
     # ------------------------------------------------------ device-owned fds
-    def register_fd(self, fd: int, token: int, thread_id: int = 0, events: int = EVENT_READ) -> None:
+    def register_fd(self, fd: FileDescriptorLike, token: int, thread_id: int = 0,
+                    events: int = EVENT_READ) -> None:
         """Watch ``fd`` in worker ``thread_id``; when it is ready (readable by
-        default; ``events`` may also include ``EVENT_WRITE``), :meth:`handle_event`
-        is called with ``device_event=token``.
+        default; ``events`` may be ``EVENT_WRITE`` or both), :meth:`handle_event`
+        is called with ``device_event=token`` and the readiness in ``evset``.
 
-        ``token`` must be at least :data:`FIRST_DEVICE_TOKEN`.
+        May be called at any time, also before the daemon starts and again for an
+        fd registered already (which updates it): registering in
+        :meth:`vring_started` is safe across reconnects.  ``token`` must be at
+        least :data:`FIRST_DEVICE_TOKEN`.  See :class:`~vhostuser.FdRegistry`.
         """
-        if token < FIRST_DEVICE_TOKEN:
-            raise ValueError(f"device tokens must be >= FIRST_DEVICE_TOKEN ({FIRST_DEVICE_TOKEN})")
-        self._worker(thread_id).register_fd(fd, token, events)
+        self.fd_registry.register(fd, token, thread_id, events)
 
-    def modify_fd(self, fd: int, token: int, events: int, thread_id: int = 0) -> None:
+    def modify_fd(self, fd: FileDescriptorLike, token: int, events: int, thread_id: int = 0) -> None:
         """Change what a registered ``fd`` is watched for (e.g. add ``EVENT_WRITE``
         while output is pending)."""
-        self._worker(thread_id).modify_fd(fd, token, events)
+        self.fd_registry.modify(fd, token, events, thread_id)
 
-    def unregister_fd(self, fd: int, thread_id: int = 0) -> None:
-        """Stop watching ``fd`` (registered with :meth:`register_fd`)."""
-        self._worker(thread_id).unregister_fd(fd)
-
-    def _worker(self, thread_id: int) -> Worker:
-        try:
-            return self._workers[thread_id]
-        except IndexError:
-            raise ValueError(f"no worker thread {thread_id} (is the daemon running?)") from None
+    def unregister_fd(self, fd: FileDescriptorLike, thread_id: int | None = None) -> bool:
+        """Stop watching ``fd`` (do it before closing the fd); False if it was not
+        registered.  ``thread_id`` is accepted for compatibility and ignored."""
+        return self.fd_registry.unregister(fd)
 
     # ---------------------------------------------------- back-end channel etc.
     def set_backend_req_fd(self, channel: BackendChannel) -> None:

@@ -80,7 +80,6 @@ class VhostUserHandler(BackendReqHandler):
         for thread_id in range(len(masks)):
             queues = [q for q, t in owner.items() if t == thread_id]
             self.workers.append(Worker(thread_id, backend, self.vrings, queues, locks[thread_id]))
-        backend._workers = self.workers  # noqa: SLF001 - the daemon wires the device to its workers
         self.memory: GuestMemory | None = None
         self.dirty_log: DirtyLog | None = None
         self.log_notifier: EventNotifier | None = None
@@ -96,10 +95,13 @@ class VhostUserHandler(BackendReqHandler):
 
     # --------------------------------------------------------------- helpers
     def start_workers(self) -> None:
+        """Start the worker threads and let them watch the device's registered fds."""
+        self.backend.fd_registry.bind(self.workers)
         for worker in self.workers:
             worker.start()
 
     def stop_workers(self) -> None:
+        self.backend.fd_registry.unbind()
         for worker in self.workers:
             worker.stop()
 

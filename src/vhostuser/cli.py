@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vhostuser.cli_demo", "run the rng back-end and drive it end to end, narrated"),
     "rng": ("vhostuser.devices.rng", "virtio-rng back-end (entropy for the guest)"),
     "check": ("vhostuser.cli_check", "run vhost-user conformance checks against any back-end"),
+    "trace": ("vhostuser.cli_trace", "relay a vhost-user session, decoding (and checking) every message"),
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),

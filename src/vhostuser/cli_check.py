@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """Run vhost-user protocol conformance checks against any back-end.
 
@@ -23,6 +27,14 @@ check passed (1 otherwise, 2 for a usage error or a back-end that did not start)
   vhostuser check --device blk --exec "qemu-storage-daemon --blockdev driver=file,node-name=f,filename=disk.img \\
       --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={socket},writable=on"
 
+  vhostuser check --frontend --device rng --exec "qemu-system-x86_64 ... \\
+      -chardev socket,id=c0,path={socket} -device vhost-user-rng-pci,chardev=c0"
+
+With --frontend the roles turn: a back-end of --device type (rng, blk, vsock) is
+served behind a checking tracer and the front-end started by --exec is judged
+(order, negotiation, memory table, rings, GET_VRING_BASE before reuse, surviving
+a back-end that closes mid-session, reconnecting).  See docs/tools/trace.md.
+
 Checks: handshake, features, reply-ack, rings, vring-base, reconnect, memory-table,
 malformed-* (bad requests must be nacked or the connection dropped, and the
 back-end must accept a new connection afterwards), device-<class> (--device)."""
@@ -33,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("-s", "--socket-path", metavar="PATH", help="the back-end's listening socket")
     where.add_argument("--exec", dest="exec_cmd", metavar="CMD",
                        help="start this back-end command ({socket} is replaced by the socket path)")
-    parser.add_argument("--device", choices=["rng", "blk", "echo"],
+    parser.add_argument("--frontend", action="store_true",
+                        help="judge a FRONT-END instead: serve a --device back-end, start the front-end with --exec "
+                             "({socket} is where it must connect), report what it does against the spec")
+    parser.add_argument("--no-backend-close", dest="backend_close", action="store_false",
+                        help="--frontend: do not close the session mid-way (reconnect check)")
+    parser.add_argument("--device", choices=["rng", "blk", "echo", "vsock"],
                         help="also check device-class behaviour (requests are answered correctly)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
@@ -46,7 +63,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--packed", action="store_true", help="use packed rings (the back-end must offer them)")
 
 
+def run_frontend(args: argparse.Namespace) -> int:
+    """``--frontend``: serve a back-end, start the front-end, judge it."""
+    from .testing.checker import format_report, format_result, results_json
+    from .trace.frontend_check import FRONTEND_DEVICES, check_frontend
+
+    if not args.exec_cmd or args.device not in FRONTEND_DEVICES:
+        print(f"vhostuser check --frontend needs --exec CMD and --device {'|'.join(FRONTEND_DEVICES)}",
+              file=sys.stderr)
+        return 2
+
+    def launch(socket_path: str) -> subprocess.Popen[bytes]:
+        argv = [a.replace("{socket}", socket_path) for a in shlex.split(args.exec_cmd)]
+        log.info("starting the front-end %s", argv)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+
+    results = check_frontend(args.device, launch, timeout=max(args.timeout, 60.0),
+                             backend_close=args.backend_close)
+    if args.json:
+        json.dump(results_json(results), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for r in results:
+            print(format_result(r))
+        print(format_report(results).splitlines()[-1])
+    return 0 if all(r.ok for r in results) else 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.frontend:
+        return run_frontend(args)
     from .testing.checker import BackendProcess, conforms, format_report, format_result, results_json, run_checks
     from .testing.frontend import FrontendOptions
 

@@ -39,6 +39,14 @@ __all__ = [
     "RequestNotAllowed",
     "RequestNotSupported",
     "RequestFailed",
+    # what a device author catches on the data path
+    "QueueNotReady",
+    "QueueBroken",
+    "QueueAddressError",
+    "DescriptorAddressError",
+    "IndirectTableAddressError",
+    "QueueUsageError",
+    "ChainTooShort",
 ]
 
 

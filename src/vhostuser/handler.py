@@ -402,6 +402,7 @@ class BackendConnection:
 
     def _handle(self, msg: Message) -> None:
         spec = FRONTEND_REQUESTS[msg.request]  # type: ignore[index]
+        log.debug("request %s flags=%#x fds=%d", spec.name, msg.flags, len(msg.fds))
         self._fds = list(msg.fds)
         try:
             self.state.check(spec)

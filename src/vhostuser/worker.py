@@ -2,15 +2,23 @@
 
 Each worker owns a :class:`~vhostuser.sys_util.poll.Poller` over the kick fds
 of the queues it serves (token = queue index), the fds the device registered
-(token >= :data:`~vhostuser.backend.FIRST_DEVICE_TOKEN`) and the device's exit
-event.  It holds its lock while it runs the device; the protocol thread takes
-the same lock before changing a ring this worker serves.
+in its :class:`~vhostuser.fd_registry.FdRegistry` (token >=
+:data:`~vhostuser.fd_registry.FIRST_DEVICE_TOKEN`) and the device's exit event.
+It holds its lock while it runs the device; the protocol thread takes the same
+lock before changing a ring this worker serves.
+
+The device sees only this worker's vrings: ``handle_event`` gets a read-only
+mapping from queue index to :class:`~vhostuser.vring.VringState` of the queues
+the worker owns (as rust-vmm hands each epoll handler its own vrings).
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from .sys_util.poll import EVENT_READ, Poller
@@ -35,11 +43,14 @@ class Worker:
         self.backend = backend
         self.vrings = vrings
         self.queue_indices = tuple(queue_indices)
+        #: what ``handle_event`` receives: queue index -> vring, this worker's queues only
+        self.owned_vrings: Mapping[int, VringState] = MappingProxyType({q: vrings[q] for q in self.queue_indices})
         self.lock = lock
         self.memory: GuestMemory | None = None
         self.poller = Poller()
         self._stop = False
         self._kick_fds: dict[int, int] = {}
+        self._device_fds: set[int] = set()
         self._exit = backend.exit_event(thread_id)
         if self._exit is not None:
             self.poller.register(self._exit.fileno(), EXIT_TOKEN)
@@ -49,13 +60,19 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float | None = 5.0) -> None:
-        """Ask the thread to exit and join it."""
+    def stop(self, timeout: float | None = 5.0) -> bool:
+        """Ask the thread to exit and join it; False if it did not exit in time
+        (its poller is then left open for it: closing it under a running
+        thread would make it fail instead of exit)."""
         self._stop = True
         self.poller.wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("worker %d did not exit within %ss (stuck in the device?)", self.thread_id, timeout)
+                return False
         self.poller.close()
+        return True
 
     @property
     def alive(self) -> bool:
@@ -78,19 +95,41 @@ class Worker:
         if fd is not None:
             self.poller.unregister(fd)
 
-    def register_fd(self, fd: int, token: int, events: int = EVENT_READ) -> None:
+    # ------------------------------------------------ called by the FdRegistry
+    def watch_fd(self, fd: int, token: int, events: int = EVENT_READ) -> None:
+        """Watch a device fd (register, or modify if watched already)."""
         with self.lock:
-            self.poller.register(fd, token, events)
+            if fd in self._device_fds:
+                self.poller.modify(fd, token, events)
+            else:
+                self.poller.register(fd, token, events)
+                self._device_fds.add(fd)
         self.poller.wake()
 
-    def modify_fd(self, fd: int, token: int, events: int) -> None:
+    def unwatch_fd(self, fd: int) -> None:
         with self.lock:
-            self.poller.modify(fd, token, events)
-        self.poller.wake()
+            if fd in self._device_fds:
+                self._device_fds.discard(fd)
+                if not self.poller.closed:
+                    self.poller.unregister(fd)
+                    self.poller.wake()  # poll/select: leave the wait that still watches it
 
-    def unregister_fd(self, fd: int) -> None:
+    def _drop_closed_fds(self) -> bool:
+        """After EBADF: forget registered fds that were closed (a device that
+        closed an fd before unregistering it); True if there were any."""
+        dropped = False
         with self.lock:
-            self.poller.unregister(fd)
+            for fd in [*self._kick_fds.values(), *self._device_fds]:
+                try:
+                    os.fstat(fd)
+                except OSError:
+                    log.error("worker %d: fd %d was closed while watched; no longer watching it",
+                              self.thread_id, fd)
+                    self.poller.unregister(fd)
+                    self._device_fds.discard(fd)
+                    self._kick_fds = {q: f for q, f in self._kick_fds.items() if f != fd}
+                    dropped = True
+        return dropped
 
     def kick_now(self, index: int) -> None:
         """Process vring ``index`` as if kicked (in-band VRING_KICK, or a kick
@@ -108,9 +147,11 @@ class Worker:
             except (OSError, ValueError) as exc:
                 if self._stop:
                     break
+                if isinstance(exc, OSError) and exc.errno == errno.EBADF and self._drop_closed_fds():
+                    continue
                 log.error("worker %d: poll failed: %s", self.thread_id, exc)
                 break
-            for token, _mask in events:
+            for token, mask in events:
                 if token == EXIT_TOKEN:
                     log.info("worker %d: exit event", self.thread_id)
                     self._stop = True
@@ -121,7 +162,7 @@ class Worker:
                     if token < len(self.vrings):
                         self._dispatch_ring(token, kicked=False)
                     else:
-                        self._dispatch_device(token)
+                        self._dispatch_device(token, mask)
         log.debug("worker %d exits", self.thread_id)
 
     def _dispatch_ring(self, index: int, *, kicked: bool) -> None:
@@ -149,14 +190,14 @@ class Worker:
         if vring.failed is not None:
             return
         try:
-            self.backend.handle_event(index, self.vrings, self.thread_id)
+            self.backend.handle_event(index, EVENT_READ, self.owned_vrings, self.thread_id)
         except Exception as exc:  # noqa: BLE001 - device errors fail the queue, not the daemon
             log.exception("device failed while handling queue %d", index)
             vring.fail(exc)
 
-    def _dispatch_device(self, token: int) -> None:
+    def _dispatch_device(self, token: int, evset: int) -> None:
         try:
-            self.backend.handle_event(token, self.vrings, self.thread_id)
+            self.backend.handle_event(token, evset, self.owned_vrings, self.thread_id)
         except Exception:  # noqa: BLE001
             log.exception("device failed while handling its event %d", token)
 

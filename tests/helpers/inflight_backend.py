@@ -20,7 +20,7 @@ class InflightDevice(VhostUserBackend):
         self.hold = hold
         self.held: list = []
 
-    def handle_event(self, device_event, vrings, thread_id):  # noqa: ANN001
+    def handle_event(self, device_event, evset, vrings, thread_id):  # noqa: ANN001
         vring = vrings[device_event]
         chains = vring.pop_batch()
         if self.hold:

@@ -108,6 +108,17 @@ def serve_daemons(name: str, served: Sequence[tuple[str, VhostUserBackend, str |
             d.wait()
         _close_backends(b for _, b, _ in served)
 
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        del frame
+        log.info("%s: signal %d, shutting down", name, signum)
+        stopping.append(signum)
+        for d in daemons:
+            d.request_shutdown()
+
+    # handlers first: a front-end may connect (and a signal arrive) as soon as a socket exists
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for daemon_name, backend, target in served:
             daemon = VhostUserDaemon(daemon_name, backend)
@@ -119,16 +130,14 @@ def serve_daemons(name: str, served: Sequence[tuple[str, VhostUserBackend, str |
                 log.info("%s: serving on %s", daemon_name, target)
     except (OSError, ValueError) as exc:
         print(f"vhostuser {name}: {exc}", file=sys.stderr)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         shutdown()
         return 1
 
-    def stop(signum: int, frame: object) -> None:
-        del frame
-        log.info("%s: signal %d, shutting down", name, signum)
+    if stopping:  # a signal came while the daemons started: stop the late ones too
         for d in daemons:
             d.request_shutdown()
-
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while any(d.running for d in daemons):
             for d in daemons:

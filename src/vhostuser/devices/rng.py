@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 from ..backend import FIRST_DEVICE_TOKEN, VhostUserBackend
 from ..sys_util.event import new_event_consumer_and_notifier
@@ -97,7 +97,8 @@ class RngBackend(VhostUserBackend):
     def vring_started(self, index: int, vring: VringState) -> None:
         self._serve(vring)
 
-    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState],
+                     thread_id: int) -> None:
         if device_event == _TIMER_TOKEN:
             self._timer_consumer.consume()
             self._timer_pending = False

@@ -4,6 +4,7 @@
 * :mod:`.sock_ctrl_msg` - :func:`send_with_fds` / :func:`recv_with_fds` (SCM_RIGHTS)
 * :mod:`.shm` - shared memory by fd (memfd_create, or shm_open + unlink), fd mappings
 * :mod:`.poll` - :class:`Poller` over :mod:`selectors` (epoll / kqueue / poll / select)
+* :mod:`.fdinfo` - :func:`describe_fd` (memfd / eventfd / socket ..., size) for diagnostics
 * :mod:`.sockstate` - :func:`socket_peer_state` (what a socket's peer shut down, by ``poll()``)
 
 Each variant is picked by a capability probe (never ``sys.platform``) and can be
@@ -22,9 +23,11 @@ from .event import (
     EventNotifier,
     new_event_consumer_and_notifier,
 )
+from .fdinfo import HAVE_PROC_FD, FdInfo, describe_fd
 from .poll import (
     AVAILABLE_SELECTOR_KINDS,
     DEFAULT_SELECTOR_KIND,
+    EVENT_ERROR,
     EVENT_READ,
     EVENT_WRITE,
     Poller,
@@ -56,6 +59,9 @@ from .sock_ctrl_msg import (
 )
 
 __all__ = [
+    "HAVE_PROC_FD",
+    "FdInfo",
+    "describe_fd",
     "AVAILABLE_EVENT_KINDS",
     "DEFAULT_EVENT_KIND",
     "EventConsumer",
@@ -64,6 +70,7 @@ __all__ = [
     "new_event_consumer_and_notifier",
     "AVAILABLE_SELECTOR_KINDS",
     "DEFAULT_SELECTOR_KIND",
+    "EVENT_ERROR",
     "EVENT_READ",
     "EVENT_WRITE",
     "Poller",

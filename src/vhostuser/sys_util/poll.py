@@ -7,12 +7,16 @@ never shown to the caller.
 
 The selector is picked by probe (epoll, kqueue, poll, select) or forced with
 ``kind=`` / ``VHOSTUSER_SELECTOR=epoll|kqueue|poll|select``.  Hang-ups and errors
-are reported as readiness for the events the fd was registered for.
+are reported as readiness for the events the fd was registered for, and with
+epoll and poll also as :data:`EVENT_ERROR` (kqueue and select cannot tell a
+hang-up from readiness: there the fd just reads as ready, and the next read or
+write reports the error).
 """
 from __future__ import annotations
 
 import enum
 import errno
+import math
 import os
 import select
 import selectors
@@ -26,6 +30,7 @@ __all__ = [
     "AVAILABLE_SELECTOR_KINDS",
     "DEFAULT_SELECTOR_KIND",
     "ENV_VAR",
+    "EVENT_ERROR",
     "EVENT_READ",
     "EVENT_WRITE",
     "Poller",
@@ -37,7 +42,9 @@ ENV_VAR: Final = "VHOSTUSER_SELECTOR"
 EVENT_READ: Final = selectors.EVENT_READ
 #: The fd is writable.
 EVENT_WRITE: Final = selectors.EVENT_WRITE
-
+#: The fd hung up or has an error pending (reported, never registered for;
+#: epoll and poll only).
+EVENT_ERROR: Final = 4
 
 
 class _HasFileno(Protocol):
@@ -73,6 +80,67 @@ DEFAULT_SELECTOR_KIND: Final = next(k for k in SelectorKind if k in AVAILABLE_SE
 _WAKE: Final = object()  # the data of the internal wake registration
 
 
+#: Our selectors (they also report EVENT_ERROR), by kind, where the OS has them.
+_OURS: dict[SelectorKind, type[selectors.BaseSelector]] = {}
+
+if hasattr(selectors, "EpollSelector"):
+    class _EpollSelector(selectors.EpollSelector):
+        """EpollSelector that also reports EPOLLERR/EPOLLHUP as :data:`EVENT_ERROR`."""
+
+        def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            if timeout is None:
+                ms = -1.0
+            elif timeout <= 0:
+                ms = 0.0
+            else:
+                ms = math.ceil(timeout * 1e3) * 1e-3  # round up: never wake before the deadline
+            fd_to_key = self._fd_to_key  # type: ignore[attr-defined]
+            try:
+                raw = self._selector.poll(ms, max(len(fd_to_key), 1))  # type: ignore[attr-defined]
+            except InterruptedError:
+                return []
+            return _translate(fd_to_key, raw, select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR | select.EPOLLHUP)
+
+    _OURS[SelectorKind.EPOLL] = _EpollSelector
+
+if hasattr(selectors, "PollSelector"):
+    class _PollSelector(selectors.PollSelector):
+        """PollSelector that also reports POLLERR/POLLHUP/POLLNVAL as :data:`EVENT_ERROR`."""
+
+        def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            ms = None if timeout is None else (0 if timeout <= 0 else math.ceil(timeout * 1e3))
+            try:
+                raw = self._selector.poll(ms)  # type: ignore[attr-defined]
+            except InterruptedError:
+                return []
+            err = select.POLLERR | select.POLLHUP | select.POLLNVAL
+            return _translate(self._fd_to_key, raw,  # type: ignore[attr-defined]
+                              select.POLLIN, select.POLLOUT, err)
+
+    _OURS[SelectorKind.POLL] = _PollSelector
+
+
+def _translate(fd_to_key, raw, pollin: int, pollout: int, err: int) -> list[tuple[selectors.SelectorKey, int]]:  # noqa: ANN001
+    """(fd, OS mask) pairs to (key, EVENT_* mask): an error also reads as ready
+    for what the fd was registered for (as :mod:`selectors` reports it)."""
+    ready = []
+    for fd, mask in raw:
+        key = fd_to_key.get(fd)
+        if key is None:
+            continue
+        events = 0
+        if mask & (pollin | err):
+            events |= EVENT_READ
+        if mask & (pollout | err):
+            events |= EVENT_WRITE
+        events &= key.events
+        if mask & err:
+            events |= EVENT_ERROR
+        if events:
+            ready.append((key, events))
+    return ready
+
+
 def _fd_of(fileobj: FileDescriptorLike) -> int:
     return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
 
@@ -92,7 +160,8 @@ class Poller:
         self.kind: SelectorKind = _choose_variant(
             SelectorKind, kind, ENV_VAR, AVAILABLE_SELECTOR_KINDS, DEFAULT_SELECTOR_KIND
         )
-        self._selector: selectors.BaseSelector = getattr(selectors, _PROBES[self.kind][1])()
+        cls = _OURS.get(self.kind) or getattr(selectors, _PROBES[self.kind][1])
+        self._selector: selectors.BaseSelector = cls()
         self._wake_lock = threading.Lock()
         try:
             self._wake_consumer, self._wake_notifier = new_event_consumer_and_notifier(wake_kind)
@@ -124,7 +193,8 @@ class Poller:
     def wait(self, timeout: float | None = None) -> list[tuple[int, int]]:
         """Block until some fds are ready, ``timeout`` seconds pass (None: forever;
         0: just poll), or :meth:`wake` is called; return ``(token, events)`` pairs,
-        possibly none.  ``EINTR`` is retried (by :mod:`selectors`)."""
+        possibly none.  ``events`` is a mask of the registered :data:`EVENT_READ` /
+        :data:`EVENT_WRITE`, plus :data:`EVENT_ERROR` on a hang-up or error (epoll, poll).  ``EINTR`` is retried (by :mod:`selectors`)."""
         ready = []
         for key, events in self._selector.select(timeout):
             if key.data is _WAKE:

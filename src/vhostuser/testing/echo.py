@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..backend import VhostUserBackend
 from ..vring import VringState
@@ -50,6 +50,8 @@ class EchoBackend(VhostUserBackend):
         self.echoed = [0] * num_queues
         #: thread names that handled each queue
         self.threads: list[set[str]] = [set() for _ in range(num_queues)]
+        #: the queue indices handle_event was given (its ``vrings``' keys), per queue
+        self.vrings_seen: list[set[frozenset[int]]] = [set() for _ in range(num_queues)]
 
     def queues_per_thread(self) -> Sequence[int]:
         if self._qpt is not None:
@@ -66,12 +68,15 @@ class EchoBackend(VhostUserBackend):
             self.hook_calls.append(("stopped", index))
         self.hook_event.set()
 
-    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
-        if device_event >= len(vrings):
-            self.handle_device_event(device_event, thread_id)
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState],
+                     thread_id: int) -> None:
+        if device_event not in vrings:
+            self.handle_device_event(device_event, evset, thread_id)
             return
         vring = vrings[device_event]
-        self.threads[device_event].add(threading.current_thread().name)
+        with self.lock:
+            self.threads[device_event].add(threading.current_thread().name)
+            self.vrings_seen[device_event].add(frozenset(vrings))
         while True:
             chains = vring.pop_batch()
             if not chains:
@@ -90,9 +95,9 @@ class EchoBackend(VhostUserBackend):
                 self.echoed[device_event] += len(chains)
             vring.signal_used_queue()
 
-    def handle_device_event(self, token: int, thread_id: int) -> None:
+    def handle_device_event(self, token: int, evset: int, thread_id: int) -> None:
         """An fd registered with :meth:`register_fd` fired (override in tests)."""
-        log.debug("echo: device event %d on thread %d", token, thread_id)
+        log.debug("echo: device event %d (evset %#x) on thread %d", token, evset, thread_id)
 
 
 # --------------------------------------------------------------------- command

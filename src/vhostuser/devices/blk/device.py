@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ...backend import VhostUserBackend
 from ...errors import DeviceError, QueueError
@@ -145,8 +145,9 @@ class BlkBackend(VhostUserBackend):
         return masks
 
     # ----------------------------------------------------------------- device
-    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
-        if device_event >= len(vrings):
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState],
+                     thread_id: int) -> None:
+        if device_event not in vrings:
             log.warning("unexpected device event %d", device_event)
             return
         self.process_queue(vrings[device_event])

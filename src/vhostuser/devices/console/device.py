@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -192,6 +192,8 @@ class ConsoleBackend(VhostUserBackend):
         self._ctrl_out: deque[bytes] = deque()
         self._watch = _FdWatch(self)
         self._attached = False
+        #: the vrings seen so far (they live as long as the daemon), by queue index
+        self._vrings: dict[int, VringState] = {}
         self._closed = False
         self._pending_size: tuple[int, int] | None = None
         self._size_lock = threading.Lock()
@@ -241,15 +243,15 @@ class ConsoleBackend(VhostUserBackend):
 
     # ------------------------------------------------------------ lifecycle
     def _locked(self):  # noqa: ANN202 - a lock
-        """The worker lock (the device's state is the worker's)."""
-        try:
-            return self._worker(0).lock
-        except ValueError:
-            return threading.RLock()  # not served by a daemon (yet): nothing races
+        """The worker lock (the device's state is the worker's): every vring's
+        ``lock`` is it, as the console has one worker."""
+        for vring in self._vrings.values():
+            return vring.lock
+        return threading.RLock()  # no ring seen yet: the worker never ran the device
 
     def _attach(self) -> None:
         """Start watching the host sides (once the daemon's worker exists; idempotent)."""
-        if self._attached or self._closed or not self._workers:
+        if self._attached or self._closed or not self.fd_registry.bound:
             return
         with self._locked():
             if self._attached:
@@ -309,10 +311,8 @@ class ConsoleBackend(VhostUserBackend):
                 log.warning("config change notification failed: %s", exc)
 
     # ------------------------------------------------------------ events
-    def _vrings(self) -> Sequence[VringState]:
-        return self._worker(0).vrings
-
     def vring_started(self, index: int, vring: VringState) -> None:
+        self._vrings[index] = vring
         self._attach()
         self._queue_ready(index)
 
@@ -338,7 +338,9 @@ class ConsoleBackend(VhostUserBackend):
             port.tx_paused = False
         self._update_interest(port)
 
-    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState],
+                     thread_id: int) -> None:
+        self._vrings.update(vrings)
         self._attach()
         if device_event == _WAKE_TOKEN:
             self._wake_consumer.consume()
@@ -380,10 +382,8 @@ class ConsoleBackend(VhostUserBackend):
         return port.index == 0
 
     def _running(self, index: int) -> VringState | None:
-        if not self._workers or index >= self.num_queues:
-            return None
-        vring = self._vrings()[index]
-        return vring if vring.is_running else None
+        vring = self._vrings.get(index) if self.fd_registry.bound else None
+        return vring if vring is not None and vring.is_running else None
 
     # ------------------------------------------------------ host -> guest
     def _pump_rx(self, port: Port) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ...backend import FIRST_DEVICE_TOKEN, VhostUserBackend
@@ -133,7 +133,7 @@ class VsockBackend(VhostUserBackend):
 
     def update_memory(self, memory: GuestMemory) -> None:
         super().update_memory(memory)
-        if self._workers:
+        if self.fd_registry.bound:
             self.attach()
 
     def reset_device(self) -> None:
@@ -149,7 +149,8 @@ class VsockBackend(VhostUserBackend):
             with self._lock:
                 self._process_rx(vring)
 
-    def handle_event(self, device_event: int, vrings: Sequence[VringState], thread_id: int) -> None:
+    def handle_event(self, device_event: int, evset: int, vrings: Mapping[int, VringState],
+                     thread_id: int) -> None:
         with self._lock:
             if device_event == TX_QUEUE:
                 self._process_tx(vrings[TX_QUEUE], vrings[RX_QUEUE])
