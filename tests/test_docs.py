@@ -6,7 +6,7 @@ A code block that serves a device (``daemon.serve(...)`` / ``start_server``) run
 as its own process with the socket path replaced by a temporary one; the mock
 front-end then brings the device up (handshake, memory, rings) and, when the
 block is preceded by ``<!-- docs-test: echo -->``, checks that requests come
-back echoed.  Every other block runs in this process.
+back echoed (``produces``: that buffers handed to the device get filled).  Every other block runs in this process.
 """
 from __future__ import annotations
 
@@ -66,6 +66,14 @@ def test_code_block_runs(doc: Path, line: int, code: str, check: str | None, tmp
             if check == "echo":
                 got = fe.transfer(0, [([f"line {i}".encode()], [32]) for i in range(50)])
                 assert [u.data[: u.length] for u in got] == [f"line {i}".encode() for i in range(50)]
+            elif check == "produces":  # data the device makes on its own fills buffers given to it
+                for _ in range(4):
+                    fe.add(0, writable=[64])
+                fe.publish(0)
+                got = fe.wait_used(0, 4, timeout=10)
+                assert [u.length for u in got] == [8] * 4
+            else:
+                assert check is None, f"unknown docs-test check {check!r}"
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     finally:
         reap(proc)
