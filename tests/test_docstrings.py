@@ -1,5 +1,5 @@
 """Every public name has a docstring: the package's ``__all__``, everything
-``vhostuser.testing`` offers, and every bundled device's modules (classes, their
+``vhostuser.testing`` and ``vhostuser.trace`` offer, and every bundled device's modules (classes, their
 public methods and properties, functions).  The API reference site is built
 from these (scripts/docs)."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import vhostuser
 import vhostuser.devices
 import vhostuser.testing
+import vhostuser.trace
 
 
 def _modules(package: ModuleType) -> list[ModuleType]:
@@ -54,7 +55,7 @@ def _missing(qualname: str, obj: object) -> list[str]:
     return out
 
 
-MODULES = [vhostuser, *_modules(vhostuser.testing), *_modules(vhostuser.devices)]
+MODULES = [vhostuser, *_modules(vhostuser.testing), *_modules(vhostuser.devices), *_modules(vhostuser.trace)]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
