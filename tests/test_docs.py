@@ -86,6 +86,14 @@ def test_executed_documents_have_code_blocks() -> None:
     assert any(_served(p.values[2]) for p in blocks)
 
 
+def test_one_documented_way_to_run_a_device() -> None:
+    """README and guide run their devices the same way: ``daemon.serve(path)``."""
+    served = [p.values[2] for p in code_blocks() if _served(p.values[2])]
+    assert served and all(".serve(" in code and ".start_server(" not in code for code in served)
+    guide = (DOCS / "device-guide.md").read_text()
+    assert "**The way to run a device is `daemon.serve(path)`**" in guide
+
+
 # ----------------------------------------------------------------- man pages
 
 
