@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
+    "net": ("vhostuser.devices.net.cli", "virtio-net back-end (a learning switch between VMs, capture, impairments)"),
 }
 
 
@@ -79,6 +80,10 @@ def vsock_main() -> int:
 
 def console_main() -> int:
     return _device_command("console")
+
+
+def net_main() -> int:
+    return _device_command("net")
 
 
 if __name__ == "__main__":

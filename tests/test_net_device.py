@@ -1,0 +1,210 @@
+"""virtio-net at the ring level: two ``NetBackend`` ports on an ``L2Switch``,
+served in this process; mock front-ends play QEMU and the guests' virtio-net
+drivers (RX = queue 0, TX = queue 1, a 12-byte virtio_net_hdr on every buffer).
+
+Split and packed rings, with and without EVENT_IDX and MRG_RXBUF; bad TX
+chains are dropped and counted while the device keeps serving; a guest without
+RX buffers only fills its own bounded backlog.
+"""
+from __future__ import annotations
+
+import struct
+import time
+
+import pytest
+
+from vhostuser.devices.net import L2Switch, NetFeature, VirtioNetHdr
+from vhostuser.devices.net.defs import HDR_LEN, MAX_FRAME_LEN
+from vhostuser.devices.net.device import NetBackend
+from vhostuser.testing import FrontendOptions
+
+RX, TX = 0, 1
+MAC_A = bytes.fromhex("020000000001")
+MAC_B = bytes.fromhex("020000000002")
+BCAST = b"\xff" * 6
+MRG = 1 << NetFeature.MRG_RXBUF
+_MiB = 1 << 20
+
+
+def options(*, packed: bool = False, event_idx: bool | None = None, mrg: bool = True, **kw: object) -> FrontendOptions:
+    feats = 1 << NetFeature.MAC | 1 << NetFeature.STATUS | (MRG if mrg else 0)
+    base: dict[str, object] = dict(num_queues=2, queue_size=256, packed=packed, event_idx=event_idx,
+                                   device_features=feats, data_size=2 * _MiB, timeout=10.0)
+    base.update(kw)
+    return FrontendOptions(**base)  # type: ignore[arg-type]
+
+
+def frame(dst: bytes, src: bytes, payload: bytes, ethertype: int = 0x88B5) -> bytes:
+    return dst + src + struct.pack(">H", ethertype) + payload
+
+
+def hdr() -> bytes:
+    return VirtioNetHdr().pack()
+
+
+def send(fe, data: bytes) -> None:  # noqa: ANN001 - MockFrontend
+    fe.request(TX, [hdr() + data], [])
+
+
+def post_rx(fe, count: int, size: int = 2048) -> None:  # noqa: ANN001
+    for _ in range(count):
+        fe.add(RX, [], [size])
+    fe.publish(RX)
+
+
+def receive(fe, count: int = 1, timeout: float = 10.0) -> list[tuple[VirtioNetHdr, bytes]]:  # noqa: ANN001
+    """``count`` packets: (header, frame), joining MRG_RXBUF buffers."""
+    got = []
+    pending: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        pending += fe.wait_used(RX, 1, timeout=max(0.1, deadline - time.monotonic()))
+        while pending:
+            h = VirtioNetHdr.unpack(pending[0].data[:HDR_LEN])
+            n = max(1, h.num_buffers)
+            if len(pending) < n:
+                break
+            bufs, pending = pending[:n], pending[n:]
+            got.append((h, b"".join(b.data for b in bufs)[HDR_LEN:]))
+    assert not pending
+    return got
+
+
+@pytest.fixture
+def pair(serve_backend, mock_frontend_factory):  # noqa: ANN001, ANN201
+    """``make(options_a, options_b=None, **switch_kw) -> (switch, (a, fe_a), (b, fe_b))``"""
+    made: list[L2Switch] = []
+
+    def make(opts: FrontendOptions, opts_b: FrontendOptions | None = None, *, rx_backlog: int = 1024,
+             **switch_kw: object):  # noqa: ANN202
+        switch = L2Switch(**switch_kw)  # type: ignore[arg-type]
+        made.append(switch)
+        ports = []
+        for name, mac, o in (("a", MAC_A, opts), ("b", MAC_B, opts_b or opts)):
+            backend = NetBackend(mac=mac, name=name, rx_backlog=rx_backlog)
+            switch.attach(backend)
+            fe = mock_frontend_factory(serve_backend(backend), o)
+            ports.append((backend, fe))
+        return switch, ports[0], ports[1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-event-idx"])
+@pytest.mark.parametrize("mrg", [True, False], ids=["mrg", "no-mrg"])
+def test_two_ports_learn_and_exchange_frames(pair, packed: bool, event_idx: bool, mrg: bool) -> None:  # noqa: ANN001
+    switch, (a, fe_a), (b, fe_b) = pair(options(packed=packed, event_idx=event_idx, mrg=mrg))
+    assert fe_a.acked_features & MRG == (MRG if mrg else 0)
+    post_rx(fe_a, 32)
+    post_rx(fe_b, 32)
+    hello = frame(BCAST, MAC_A, b"who is there?" * 10)
+    send(fe_a, hello)
+    [(h, got)] = receive(fe_b)
+    assert got == hello and h.flags == 0 and h.gso_type == 0
+    assert h.num_buffers == (1 if mrg else 0)
+    # b answers by unicast: a's MAC was learned, the frame goes to a only
+    reply = frame(MAC_A, MAC_B, bytes(range(256)) * 5)
+    send(fe_b, reply)
+    [(_, got)] = receive(fe_a)
+    assert got == reply
+    assert switch.fdb() == {"02:00:00:00:00:01": "a", "02:00:00:00:00:02": "b"}
+    # many frames both ways, in order
+    for i in range(20):
+        send(fe_a, frame(MAC_B, MAC_A, struct.pack(">I", i) * 100))
+    assert [f[14:18] for _, f in receive(fe_b, 20)] == [struct.pack(">I", i) for i in range(20)]
+    assert a.stats.tx_frames == 21 and b.stats.rx_frames == 21
+    assert not a.stats.drops and not b.stats.drops
+    assert fe_a.reap(RX) == []  # nothing flooded back to the sender
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_mrg_rxbuf_spreads_a_frame_over_several_buffers(pair, packed: bool) -> None:  # noqa: ANN001
+    _, (_, fe_a), (_, fe_b) = pair(options(packed=packed))
+    post_rx(fe_b, 16, size=1024)
+    big = frame(MAC_B, MAC_A, bytes(i % 251 for i in range(9000)))
+    send(fe_a, big)
+    [(h, got)] = receive(fe_b)
+    assert h.num_buffers == 9  # 12 + 9014 bytes in 1024-byte buffers
+    assert got == big
+
+
+def test_without_mrg_a_frame_too_big_for_the_buffer_is_dropped(pair) -> None:  # noqa: ANN001
+    _, (_, fe_a), (b, fe_b) = pair(options(mrg=False))
+    post_rx(fe_b, 1, size=512)
+    send(fe_a, frame(MAC_B, MAC_A, bytes(1000)))
+    small = frame(MAC_B, MAC_A, b"fits")
+    send(fe_a, small)
+    [(_, got)] = receive(fe_b)
+    assert got == small  # the held buffer took the next frame that fits
+    assert b.stats.drops == {"rx-too-big": 1}
+
+
+def test_header_split_across_descriptors(pair) -> None:  # noqa: ANN001
+    _, (_, fe_a), (_, fe_b) = pair(options())
+    post_rx(fe_b, 4)
+    data = frame(MAC_B, MAC_A, b"split header" * 20)
+    raw = hdr() + data
+    fe_a.request(TX, [raw[:3], raw[3:13], raw[13:20], raw[20:]], [])
+    [(_, got)] = receive(fe_b)
+    assert got == data
+
+
+def test_bad_tx_chains_are_dropped_and_counted(pair) -> None:  # noqa: ANN001
+    _, (a, fe_a), (b, fe_b) = pair(options())
+    post_rx(fe_b, 8)
+    fe_a.request(TX, [b"short"], [])                                         # shorter than the header
+    fe_a.request(TX, [hdr() + b"runt"], [])                                  # no Ethernet header
+    fe_a.request(TX, [VirtioNetHdr(flags=1).pack() + frame(MAC_B, MAC_A, b"x" * 64)], [])   # NEEDS_CSUM
+    fe_a.request(TX, [VirtioNetHdr(gso_type=1).pack() + frame(MAC_B, MAC_A, b"x" * 64)], [])  # TSO4
+    fe_a.request(TX, [hdr() + frame(MAC_B, MAC_A, bytes(MAX_FRAME_LEN))], [])  # over 64 KiB
+    good = frame(MAC_B, MAC_A, b"still serving")
+    send(fe_a, good)
+    [(_, got)] = receive(fe_b)
+    assert got == good
+    assert a.stats.drops == {"tx-short": 1, "tx-runt": 1, "tx-offload": 2, "tx-oversize": 1}
+    assert a.stats.tx_frames == 1
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_no_rx_buffers_fill_a_bounded_backlog_only(pair, packed: bool) -> None:  # noqa: ANN001
+    switch, (a, fe_a), (b, fe_b) = pair(options(packed=packed), rx_backlog=16)
+    post_rx(fe_a, 8)
+    for i in range(40):  # b posts nothing: its backlog fills, the rest is dropped
+        send(fe_a, frame(MAC_B, MAC_A, struct.pack(">I", i) * 16))
+    assert b.rx_backlog() == 16 and b.stats.drops == {"rx-backlog-full": 24}
+    # a is not stalled by b: b -> a still flows
+    send(fe_b, frame(MAC_A, MAC_B, b"ping"))
+    assert receive(fe_a)[0][1][14:] == b"ping"
+    # once b posts buffers, the oldest 16 arrive in order
+    post_rx(fe_b, 32)
+    got = receive(fe_b, 16)
+    assert [f[14:18] for _, f in got] == [struct.pack(">I", i) for i in range(16)]
+    assert b.rx_backlog() == 0
+
+
+def test_mac_filter_refuses_another_ports_source_mac(pair) -> None:  # noqa: ANN001
+    switch, (_, fe_a), (_, fe_b) = pair(options(), mac_filter=True)
+    post_rx(fe_a, 4)
+    post_rx(fe_b, 4)
+    send(fe_a, frame(BCAST, MAC_A, b"a is here"))
+    assert receive(fe_b)[0][1][14:] == b"a is here"
+    send(fe_b, frame(BCAST, MAC_A, b"b pretends to be a"))   # spoofed: dropped
+    send(fe_b, frame(BCAST, MAC_B, b"b as itself"))
+    assert receive(fe_a)[0][1][14:] == b"b as itself"
+    assert switch.drops["source-mac-filter"] == 1
+    assert switch.fdb()["02:00:00:00:00:01"] == "a"
+
+
+def test_mac_ageing_floods_again(pair) -> None:  # noqa: ANN001
+    switch, (_, fe_a), (_, fe_b) = pair(options(), ageing_time=0.2)
+    post_rx(fe_a, 4)
+    post_rx(fe_b, 4)
+    send(fe_a, frame(BCAST, MAC_A, b"hello"))
+    receive(fe_b)
+    assert "02:00:00:00:00:01" in switch.fdb()
+    time.sleep(0.3)
+    assert switch.fdb() == {}
+    assert switch.age() == 1
