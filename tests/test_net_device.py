@@ -208,3 +208,127 @@ def test_mac_ageing_floods_again(pair) -> None:  # noqa: ANN001
     time.sleep(0.3)
     assert switch.fdb() == {}
     assert switch.age() == 1
+
+
+def test_rings_enabled_before_set_features_as_qemu_72_net_does(serve_backend) -> None:  # noqa: ANN001
+    """QEMU 7.2's vhost-user-net sends SET_VRING_ENABLE before SET_FEATURES
+    (qemu72-net trace): after SET_PROTOCOL_FEATURES that must be accepted."""
+    from vhostuser.frontend import Frontend
+    from vhostuser.protocol.message import VhostUserProtocolFeatures as PF
+
+    backend = NetBackend(name="q")
+    fe = Frontend.connect(serve_backend(backend))
+    try:
+        features = fe.get_features()
+        fe.set_protocol_features(fe.get_protocol_features() & PF.REPLY_ACK)
+        fe.set_owner()
+        fe.set_vring_enable(0, True)   # acked (REPLY_ACK): not refused
+        fe.set_vring_enable(1, True)
+        fe.set_features(features & (1 << 32 | 1 << 30 | MRG))
+        assert fe.get_features() == features
+    finally:
+        fe.close()
+
+
+# ------------------------------------------------------------------ hooks, capture
+def test_hooks_drop_modify_duplicate_and_delay(pair, tmp_path) -> None:  # noqa: ANN001
+    from vhostuser.devices.net import DROP, Delay, Direction, PcapWriter, read_pcap
+
+    pcap = PcapWriter(tmp_path / "cap.pcap")
+    switch, (_, fe_a), (_, fe_b) = pair(options(), pcap=pcap)
+    post_rx(fe_b, 16)
+    seen = []
+
+    def hook(packet):  # noqa: ANN001, ANN202
+        seen.append((packet.port, packet.direction))
+        tag = packet.frame[14:]
+        if tag == b"drop":
+            return DROP
+        if tag == b"modify":
+            return packet.frame[:14] + b"MODIFIED"
+        if tag == b"twice":
+            return [packet.frame, packet.frame]
+        if tag == b"late":
+            return Delay(0.3)
+        return None
+
+    switch.add_hook(hook, direction="ingress", port=0)
+    t0 = time.monotonic()
+    for tag in (b"late", b"drop", b"modify", b"twice", b"plain"):
+        send(fe_a, frame(MAC_B, MAC_A, tag))
+    got = [f[14:] for _, f in receive(fe_b, 5)]
+    assert got == [b"MODIFIED", b"twice", b"twice", b"plain", b"late"]
+    assert time.monotonic() - t0 >= 0.3
+    assert seen == [(0, Direction.INGRESS)] * 5
+    assert switch.drops["hook-ingress"] == 1
+    switch.close()
+    assert [f[14:] for _, f in read_pcap(tmp_path / "cap.pcap")] == [b"late", b"drop", b"modify", b"twice", b"plain"]
+
+
+def test_failing_hook_drops_the_frame_not_the_switch(pair) -> None:  # noqa: ANN001
+    switch, (_, fe_a), (_, fe_b) = pair(options())
+    post_rx(fe_b, 4)
+    switch.add_hook(lambda p: 1 / 0 if p.frame[14:] == b"boom" else None)
+    send(fe_a, frame(MAC_B, MAC_A, b"boom"))
+    send(fe_a, frame(MAC_B, MAC_A, b"fine"))
+    assert receive(fe_b)[0][1][14:] == b"fine"
+    assert switch.drops["hook-error"] == 1
+
+
+def test_loss_impairment_is_seeded_and_near_its_rate(pair) -> None:  # noqa: ANN001
+    from vhostuser.devices.net import parse_impairment
+
+    spec = parse_impairment("loss=20%,seed=7,port=1")
+    switch, (_, fe_a), (_, fe_b) = pair(options())
+    for hook in spec.hooks:
+        switch.add_hook(hook, direction=spec.direction, port=spec.port)
+    post_rx(fe_b, 200)
+    n = 200
+    fe_a.transfer(TX, [([hdr() + frame(MAC_B, MAC_A, struct.pack(">I", i))], []) for i in range(n)])
+    time.sleep(0.5)
+    got = fe_b.reap(RX)
+    # binomial(200, 0.2): mean 40, sd 5.7 -> a 5-sd window
+    assert 12 <= n - len(got) <= 68
+    # the same seed drops the same frames
+    from vhostuser.devices.net import Loss, Packet
+
+    again = Loss(20, seed=7)
+    kept = [i for i in range(n) if again(Packet(b"", 1, spec.direction, 0.0)) is None]
+    assert [struct.unpack(">I", u.data[HDR_LEN + 14:HDR_LEN + 18])[0] for u in got] == kept
+
+
+def test_impairment_hooks_unit() -> None:
+    from vhostuser.devices.net.hooks import (
+        Corrupt,
+        Delay,
+        Direction,
+        Duplicate,
+        Latency,
+        Packet,
+        RateLimit,
+        Reorder,
+        apply_hooks,
+        parse_impairment,
+    )
+
+    f = frame(MAC_B, MAC_A, bytes(100))
+    pkt = Packet(f, 0, Direction.EGRESS, 10.0)
+    bad = Corrupt(100, seed=1)(pkt)
+    assert isinstance(bad, bytes) and len(bad) == len(f) and bad[:14] == f[:14]
+    assert sum(bin(x ^ y).count("1") for x, y in zip(bad, f)) == 1
+    assert Duplicate(100)(pkt) == [f, f]
+    d = Latency(20, 5, seed=3)(pkt)
+    assert isinstance(d, Delay) and 0.015 <= d.seconds <= 0.025
+    assert Reorder(100, gap_ms=7)(pkt) == Delay(0.007)
+    assert Reorder(0)(pkt) is None
+    rate = RateLimit(8000, max_queue_ms=300)  # 1000 bytes/s: a 114-byte frame takes 0.114 s
+    waits = [apply_hooks([rate], f, 0, Direction.EGRESS, now=10.0) for _ in range(4)]
+    assert [round(w[0][1], 3) for w in waits[:3]] == [0.114, 0.228, 0.342]
+    assert waits[3] == []  # 0.342 s of frames already waiting > 0.3 s: dropped
+    spec = parse_impairment("loss=1,corrupt=2%,duplicate=3,reorder=4,latency=10ms,jitter=1ms,rate=10M,seed=5")
+    assert [type(h).__name__ for h in spec.hooks] == ["Loss", "Corrupt", "Duplicate", "Reorder", "Latency", "RateLimit"]
+    assert spec.direction is Direction.EGRESS and spec.port is None
+    with pytest.raises(ValueError):
+        parse_impairment("loss=120")
+    with pytest.raises(ValueError):
+        parse_impairment("wobble=3")

@@ -102,12 +102,12 @@ class Scheduler:
     def __init__(self, name: str = "vhostuser-net-timer") -> None:
         self._name = name
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Callable[..., None], tuple[object, ...]]] = []
+        self._heap: list[tuple[float, int, Callable[..., object], tuple[object, ...]]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
 
-    def call_later(self, delay: float, fn: Callable[..., None], *args: object) -> None:
+    def call_later(self, delay: float, fn: Callable[..., object], *args: object) -> None:
         with self._cond:
             if self._stopped:
                 return
