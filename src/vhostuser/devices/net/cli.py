@@ -6,6 +6,11 @@ Two VMs on one switch::
     # VM i: -chardev socket,id=c0,path=/tmp/net.sock<i> -netdev vhost-user,id=n0,chardev=c0
     #       -device virtio-net-pci,netdev=n0,vectors=0      (vectors=0: QEMU 7.2 under TCG)
 
+One VM and the host (a TAP interface on the same switch)::
+
+    vhostuser net --socket-path /tmp/net.sock --tap vhu0
+    ip addr add 10.0.0.1/24 dev vhu0 && ip link set vhu0 up
+
 Capture and impair::
 
     vhostuser net -s /tmp/net.sock -c 2 --pcap /tmp/net.pcap \\
@@ -45,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="forget a MAC not seen for S seconds (default: 300)")
     sw.add_argument("--mac-filter", action="store_true",
                     help="a port may not send with a source MAC learned on another port")
+    sw.add_argument("--tap", metavar="NAME",
+                    help="attach TAP interface NAME (created if missing) to the switch: the host's port")
     sw.add_argument("--pcap", metavar="FILE", help="capture every frame entering the switch (pcap format)")
     sw.add_argument("--impair", action="append", default=[], metavar="SPEC",
                     help="impair frames (repeatable): e.g. loss=5%%,seed=1 or latency=20ms,jitter=5ms,port=1")
@@ -74,15 +81,17 @@ def run(args: argparse.Namespace) -> int:
             socket_paths(args.socket_path, args.socket_count))
         base = parse_mac(args.mac) if args.mac else None
         impairments = [parse_impairment(spec) for spec in args.impair]
+        nports = len(where) + (1 if args.tap else 0)
         for spec in impairments:
-            if spec.port is not None and not 0 <= spec.port < len(where):
-                raise ValueError(f"--impair port={spec.port}: there are {len(where)} ports")
+            if spec.port is not None and not 0 <= spec.port < nports:
+                raise ValueError(f"--impair port={spec.port}: there are {nports} ports")
         pcap = PcapWriter(args.pcap) if args.pcap else None
     except (OSError, ValueError) as exc:
         print(f"vhostuser net: {exc}", file=sys.stderr)
         return 2
     switch = L2Switch(ageing_time=args.ageing_time, mac_filter=args.mac_filter, pcap=pcap)
     served = []
+    tap = None
     try:
         for i, target in enumerate(where):
             name = f"net{i}" if len(where) > 1 else "net"
@@ -90,16 +99,28 @@ def run(args: argparse.Namespace) -> int:
                                  rx_backlog=args.rx_backlog, name=name)
             switch.attach(backend)
             served.append((name, backend, target))
+        if args.tap:  # the last port: the VMs keep port numbers 0..N-1
+            from .tap import TapPort
+
+            tap = TapPort(args.tap, switch)
         for spec in impairments:
             for hook in spec.hooks:
                 switch.add_hook(hook, direction=spec.direction, port=spec.port)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         print(f"vhostuser net: {exc}", file=sys.stderr)
+        for _, backend, _ in served:
+            backend.close()
+        if tap is not None:
+            tap.close()
         switch.close()
         return 2
     try:
         return serve_daemons("net", served)
     finally:
+        if tap is not None:
+            tap.close()
+            if tap.drops:
+                log.info("tap %s drops: %s", tap.name, dict(tap.drops))
         switch.close()
         for name, backend, _ in served:
             log.info("%s: %s", name, backend.stats)
