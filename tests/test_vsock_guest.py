@@ -228,6 +228,7 @@ H2G_BYTES = 8 * _MiB + 45       # host -> guest stream
 H2G_BACK = 2 * _MiB + 9         # the guest's answer on it
 
 
+@pytest.mark.both_impls  # the guest's I/O runs through the data-path core
 def test_guest_streams_both_ways(no_fd_leak: None, vsock_io: Path, tmp_path: Path) -> None:
     uds = str(tmp_path / "vm.vsock")
     sock = str(tmp_path / "vhost.sock")
