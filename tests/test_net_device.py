@@ -332,3 +332,32 @@ def test_impairment_hooks_unit() -> None:
         parse_impairment("loss=120")
     with pytest.raises(ValueError):
         parse_impairment("wobble=3")
+
+
+def test_two_queue_pairs_spread_flows_and_take_tx_on_both(serve_backend, mock_frontend_factory) -> None:  # noqa: ANN001
+    switch = L2Switch()
+    a, b = NetBackend(mac=MAC_A, name="a", queue_pairs=2), NetBackend(mac=MAC_B, name="b", queue_pairs=2)
+    switch.attach(a)
+    switch.attach(b)
+    mq = options(num_queues=4, queue_size=64,
+                 device_features=MRG | 1 << NetFeature.MAC | 1 << NetFeature.STATUS | 1 << NetFeature.MQ)
+    fe_a = mock_frontend_factory(serve_backend(a), mq)
+    fe_b = mock_frontend_factory(serve_backend(b), mq)
+    assert fe_a.acked_features >> NetFeature.MQ & 1 and b.queues_per_thread() == [0b0011, 0b1100]
+    for q in (0, 2):
+        for _ in range(32):
+            fe_b.add(q, [], [2048])
+        fe_b.publish(q)
+    sources = [bytes([2, 0, 0, 0, 1, i]) for i in range(24)]
+    for i, src in enumerate(sources):  # alternate TX queues 1 and 3 (both pairs' workers)
+        fe_a.request(1 if i % 2 == 0 else 3, [hdr() + frame(BCAST, src, b"flow %d" % i)], [])
+    got: dict[int, list[bytes]] = {0: [], 2: []}
+    deadline = time.monotonic() + 10
+    while sum(map(len, got.values())) < len(sources) and time.monotonic() < deadline:
+        for q in (0, 2):
+            got[q] += [u.data[HDR_LEN:] for u in fe_b.reap(q)]
+        time.sleep(0.01)
+    assert sorted(f[6:12] for fs in got.values() for f in fs) == sorted(sources)
+    assert got[0] and got[2]  # both RX queues carried flows
+    assert a.stats.tx_frames == len(sources)
+    switch.close()

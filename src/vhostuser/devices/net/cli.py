@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--mac", metavar="MAC",
                      help="MAC of the first port's config space (others count up; default: random, "
                           "locally administered). QEMU uses its own -device ...,mac=")
+    dev.add_argument("--queue-pairs", type=int, default=1, metavar="N",
+                     help="RX/TX queue pairs per port, one worker each (QEMU: -netdev ...,queues=N "
+                          "-device virtio-net-pci,mq=on; default: 1)")
     dev.add_argument("--queue-size", type=int, default=1024, metavar="N", help="largest ring (default: 1024)")
     dev.add_argument("--rx-backlog", type=int, default=1024, metavar="N",
                      help="frames waiting per port when its guest has no RX buffers; more are dropped "
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         for i, target in enumerate(where):
             name = f"net{i}" if len(where) > 1 else "net"
             backend = NetBackend(mac=_mac_plus(base, i) if base else None, queue_size=args.queue_size,
-                                 rx_backlog=args.rx_backlog, name=name)
+                                 rx_backlog=args.rx_backlog, name=name, queue_pairs=args.queue_pairs)
             switch.attach(backend)
             served.append((name, backend, target))
         if args.tap:  # the last port: the VMs keep port numbers 0..N-1
