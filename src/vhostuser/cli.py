@@ -25,6 +25,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
     "net": ("vhostuser.devices.net.cli", "virtio-net back-end (a learning switch between VMs, capture, impairments)"),
+    "can": ("vhostuser.devices.can", "virtio-can back-end (virtual CAN bus between VMs, or host SocketCAN)"),
+    "spi": ("vhostuser.devices.spi", "virtio-spi back-end (host spidev, simulated loopback and EEPROM)"),
+    "scmi": ("vhostuser.devices.scmi", "virtio-scmi back-end (SCMI base and sensor protocols; fake, hwmon, IIO sensors)"),
 }
 
 
@@ -80,6 +83,18 @@ def vsock_main() -> int:
 
 def console_main() -> int:
     return _device_command("console")
+
+
+def can_main() -> int:
+    return _device_command("can")
+
+
+def spi_main() -> int:
+    return _device_command("spi")
+
+
+def scmi_main() -> int:
+    return _device_command("scmi")
 
 
 def net_main() -> int:

@@ -1,7 +1,7 @@
 """cffi out-of-line API-mode build script for ``vhostuser._native._ring``.
 
 The C code lives in real files beside this script: ``ring.h`` (the declarations
-cffi exposes, also used as the cdef) and ``ring.c`` (the implementation).  The C
+cffi exposes, also used as the cdef) and ``ring.c`` + ``chainio.c`` (the implementation).  The C
 side holds no policy: functions return error codes, Python raises.
 
 ``python src/vhostuser/_native/build_native.py`` builds the extension in place
@@ -41,7 +41,7 @@ def make_ffibuilder(base: Path | None = None, extra_cflags: list | None = None) 
     builder.set_source(
         "vhostuser._native._ring",
         '#include "ring.h"',
-        sources=[(src / "ring.c").as_posix()],
+        sources=[(src / "ring.c").as_posix(), (src / "chainio.c").as_posix()],
         include_dirs=[src.as_posix()],
         extra_compile_args=CFLAGS + (extra_cflags or []),
         extra_link_args=list(extra_cflags or []),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from array import array
 from functools import partial
 from itertools import repeat
@@ -12,9 +13,10 @@ from ..errors import QueueBroken, QueueError, QueueUsageError
 from ..memory import DirtyLog, GuestMemory
 from ._core import get_core
 from .inflight import _RING_DESC, PackedInflight, RingDescriptor, SplitInflight, rebuild_chain
-from .chain import DescriptorChain
+from .chain import _SKIP_DATA_LOG, DescriptorChain
 from .defs import MAX_QUEUE_SIZE, Layout
 from .errcodes import BREAKS_QUEUE, ErrorCode, make_error
+from .iobatch import IoBatch
 
 __all__ = ["Queue", "UsedEntry"]
 
@@ -383,6 +385,17 @@ class Queue:
                 return
             yield from chains
 
+    def poll(self, ns: int) -> bool:
+        """Busy-poll up to ``ns`` nanoseconds for available buffers (adaptive
+        polling, before :meth:`enable_notification` and sleeping); True as soon
+        as some are there.  The C core spins without the GIL."""
+        if self._resubmit:
+            return True
+        rc = self._core.poll(self._st, self._memory(), ns)
+        if rc < 0:
+            self._raise(rc)
+        return rc > 0
+
     def has_available(self) -> bool:
         """True if at least one chain is available to pop (no validation)."""
         rc = self._core.avail_pending(self._st, self._memory())
@@ -477,14 +490,13 @@ class Queue:
         handed to the core straight from the batch's arrays.  Returns False,
         having done nothing, for anything else (the general path then does the
         work, and raises for misuse exactly as it always did)."""
-        cs: Any
         lens: Any
         try:
             if len(entries) == 1:
                 ((c0, ln),) = entries
                 if type(ln) is not int or not 0 <= ln <= 0xFFFFFFFF or not isinstance(c0, DescriptorChain):
                     return False
-                cs, lens, n = (c0,), (ln,), 1
+                lens, n = (ln,), 1
             else:
                 c0 = entries[0][0]
                 if not isinstance(c0, DescriptorChain):
@@ -498,7 +510,6 @@ class Queue:
                 # every len an int in 0..2**32-1 (else OverflowError/TypeError), as
                 # a flat u32 array that the C core takes as it is
                 lens = _u32s([ln for _, ln in entries])
-                cs = None
         except Exception:  # noqa: BLE001 - not (chain, len) pairs: the general path raises
             return False
         b = c0._b
@@ -509,11 +520,8 @@ class Queue:
             dlog = mem.dirty_log
         st = self._st
         st.log = dlog
-        if dlog is not None:
-            if cs is None:
-                cs = [c for c, _ in entries]
-            for c, ln in zip(cs, lens):
-                c._mark_written(dlog, ln)
+        if dlog is not None and not _SKIP_DATA_LOG:
+            self._core.log_written(dlog, b, i0, n, lens)
         if mem is None:
             raise QueueError("virtqueue has no guest memory")
         if i0 == 0:
@@ -526,6 +534,127 @@ class Queue:
         if rc < 0:
             self._raise(rc)
         return True
+
+    # -------------------------------------------------------------- batch I/O
+    @staticmethod
+    def _runs(chains: list[DescriptorChain]) -> Iterator[tuple[Any, int, int, int]]:
+        """``(batch, first index in it, count, position in chains)`` for each run
+        of consecutive chains of one pop (one run for a plain pop)."""
+        n = len(chains)
+        c0, cl = chains[0], chains[-1]
+        if cl._b is c0._b and cl._i - c0._i == n - 1:  # one pop, in order: the usual case
+            yield c0._b, c0._i, n, 0
+            return
+        k = 0
+        while k < n:
+            c = chains[k]
+            b, i0 = c._b, c._i
+            m = k + 1
+            while m < n and chains[m]._b is b and chains[m]._i == i0 + (m - k):
+                m += 1
+            yield b, i0, m - k, k
+            k = m
+
+    def pop_io_batch(self, max_chains: int, header_len: int) -> IoBatch | None:
+        """Pop up to ``max_chains`` chains (as :meth:`pop_batch`) with the first
+        ``header_len`` readable bytes of each in one flat buffer; None if none."""
+        chains = self.pop_batch(max_chains)
+        if not chains:
+            return None
+        mem = self._memory()
+        heads = self._core.chain_heads
+        parts = [heads(mem, b, i0, cnt, header_len) for b, i0, cnt, _ in self._runs(chains)]
+        if len(parts) == 1:
+            h, rd, wr = parts[0]
+        else:
+            h = b"".join(p[0] for p in parts)
+            rd = [x for p in parts for x in p[1]]
+            wr = [x for p in parts for x in p[2]]
+        return IoBatch(chains, header_len, h, rd, wr)
+
+    def complete_io(self, iob: IoBatch, fd: int, ops: Any, offsets: Any, lens: Any, *, skip: int, tail: int = 1,
+                    ok: int = 0, err: int = 1, every: int = 0, call_fd: int = -1,
+                    helper: Executor | None = None) -> array:
+        """Finish every chain of ``iob`` in one ring-core call per pop.
+
+        Per chain ``k``: ``ops[k]`` (an :class:`~.iobatch.IoOp`, u8 array),
+        ``offsets[k]`` (file offset, u64 array), ``lens[k]`` (u32 array: the used
+        length of an ``IoOp.NONE`` chain; set to the writable byte count for the
+        others).  READ fills the writable bytes before the ``tail`` status bytes
+        from ``fd``; WRITE writes the readable bytes after ``skip`` to ``fd``; then
+        the chain's last writable byte becomes ``ok`` or ``err``.  All chains are
+        then used (the written bytes marked in the dirty log), published every
+        ``every`` chains (0: once) with a notification through ``call_fd`` when
+        the driver wants one (-1: the caller notifies).  Returns the per-chain
+        errno (0: done) as an ``array('i')``.  Queue errors raise as in
+        :meth:`add_used_batch`.
+
+        ``helper`` (an executor, e.g. one thread): the I/O of the second half of
+        the batch runs there while this thread does the first half and
+        publishes it (the core calls release the GIL); the second half is
+        published when both are done.  Worth it for large transfers only."""
+        chains = iob.chains
+        n = len(chains)
+        errs = array("i", bytes(4 * n))
+        mem = self._memory()
+        dlog = self._log
+        if dlog is None:
+            dlog = mem.dirty_log
+        st = self._st
+        st.log = dlog
+        in_core = self._inflight is None  # else the tracker sees the used entries (add_used_batch)
+        chain_io = self._core.chain_io
+        if helper is not None and in_core and len(chains) >= 2:
+            runs = list(self._runs(chains))
+            if len(runs) == 1:
+                self._complete_split(runs[0][0], runs[0][1], n, fd, ops, offsets, lens, errs, skip, tail, ok, err,
+                                     every, call_fd, helper)
+                return errs
+        views: tuple[Any, ...] | None = None
+        o: Any
+        of: Any
+        ln: Any
+        er: Any
+        for b, i0, cnt, k in self._runs(chains):
+            if cnt == n:
+                o, of, ln, er = ops, offsets, lens, errs
+            else:
+                if views is None:
+                    views = tuple(memoryview(a) for a in (ops, offsets, lens, errs))
+                o, of, ln, er = (v[k:k + cnt] for v in views)
+            rc = chain_io(st if in_core else None, mem, b, i0, cnt, fd, o, of, skip, tail, ok, err, ln, er,
+                          every, call_fd if in_core else -1)
+            if rc < 0:
+                self._raise(rc)
+        if not in_core:
+            self.add_used_batch([(c, lens[k]) for k, c in enumerate(chains)])
+        return errs
+
+    def _complete_split(self, b: Any, i0: int, n: int, fd: int, ops: Any, offsets: Any, lens: Any, errs: array,
+                        skip: int, tail: int, ok: int, err: int, every: int, call_fd: int, helper: Executor) -> None:
+        """complete_io of one pop's chains in two halves, the second's I/O on ``helper``."""
+        mem = self._memory()
+        st = self._st
+        chain_io = self._core.chain_io
+        h = n // 2
+        vo, vof, vln, ver = (memoryview(a) for a in (ops, offsets, lens, errs))
+        second = helper.submit(chain_io, None, mem, b, i0 + h, n - h, fd, vo[h:n], vof[h:n], skip, tail, ok, err,
+                               vln[h:n], ver[h:n], 0, -1)
+        rc = chain_io(st, mem, b, i0, h, fd, vo[:h], vof[:h], skip, tail, ok, err, vln[:h], ver[:h], every, call_fd)
+        second.result()  # its errors are per chain, in errs
+        if rc < 0:
+            self._raise(rc)
+        # publish the second half: nothing to do but the used entries, the log and the call
+        rc = chain_io(st, mem, b, i0 + h, n - h, fd, bytes(n - h), vof[h:n], skip, tail, ok, err, vln[h:n],
+                      array("i", bytes(4 * (n - h))), every, call_fd)
+        if rc < 0:
+            self._raise(rc)
+
+    @property
+    def notifies_in_core(self) -> bool:
+        """Whether :meth:`complete_io` given a call fd notifies the driver itself
+        (no inflight region to update around the used entries)."""
+        return self._inflight is None
 
     # ------------------------------------------------------- inflight I/O
     def set_inflight(self, tracker: SplitInflight | PackedInflight | None) -> None:
@@ -552,6 +681,13 @@ class Queue:
             slots = len(pending)
             self.set_next_avail((used_idx + slots) & 0xFFFF)
             st.next_used = used_idx
+        elif tracker.fresh:
+            # A new area (no back-end ran before it): nothing to resubmit, and the
+            # ring position is SET_VRING_BASE's - e.g. 0x80008000 at boot, the
+            # source's position on a migration destination.  Record it.
+            tracker.start_at(int(st.next_used), int(st.used_wrap))
+            pending = []
+            slots = 0
         else:
             desc = int(self.desc_table)
             pending = tracker.recover(lambda i: mem.read_u16(desc + 16 * i + 14))
