@@ -361,3 +361,42 @@ def test_two_queue_pairs_spread_flows_and_take_tx_on_both(serve_backend, mock_fr
     assert got[0] and got[2]  # both RX queues carried flows
     assert a.stats.tx_frames == len(sources)
     switch.close()
+
+
+def test_hostile_tx_ring_fails_only_that_queue(pair) -> None:  # noqa: ANN001
+    """A TX descriptor pointing outside guest memory: that port's TX queue fails
+    (err fd signalled, logged), the other port and the switch keep working."""
+    _, (a, fe_a), (b, fe_b) = pair(options())
+    post_rx(fe_a, 4)
+    drv = fe_b.driver(TX)
+    drv.write_desc(0, 0xDEAD_0000_0000, 64)
+    drv.push_avail(0)
+    drv.publish()
+    fe_b.kick(TX)
+    assert fe_b.wait_err(TX, timeout=10)
+    # a still reaches b's RX (b's RX queue is fine) and b's port still delivers
+    post_rx(fe_b, 4)
+    send(fe_a, frame(MAC_B, MAC_A, b"after the failure"))
+    assert receive(fe_b)[0][1][14:] == b"after the failure"
+
+
+def test_a_guest_flooding_tx_does_not_stall_the_others(serve_backend, mock_frontend_factory) -> None:  # noqa: ANN001
+    """Port a floods frames to b, which never posts RX buffers; a third port c
+    still exchanges frames with a, and b's backlog stays bounded."""
+    switch = L2Switch()
+    mac_c = bytes.fromhex("020000000003")
+    ports = {}
+    for name, mac in (("a", MAC_A), ("b", MAC_B), ("c", mac_c)):
+        backend = NetBackend(mac=mac, name=name, rx_backlog=64)
+        switch.attach(backend)
+        ports[name] = (backend, mock_frontend_factory(serve_backend(backend), options()))
+    fe_a, (b, fe_b), fe_c = ports["a"][1], ports["b"], ports["c"][1]
+    send(fe_b, frame(BCAST, MAC_B, b"b exists"))        # learned: the flood is unicast to b
+    post_rx(fe_c, 8)
+    receive(fe_c)
+    fe_a.transfer(TX, [([hdr() + frame(MAC_B, MAC_A, bytes(1000))], []) for _ in range(2000)])
+    assert b.rx_backlog() == 64 and b.stats.drops["rx-backlog-full"] == 2000 - 64
+    post_rx(fe_a, 4)
+    send(fe_c, frame(MAC_A, mac_c, b"c to a"))
+    assert [f[14:] for _, f in receive(fe_a, 2)] == [b"b exists", b"c to a"]  # the broadcast waited for a too
+    switch.close()
