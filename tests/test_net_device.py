@@ -400,3 +400,23 @@ def test_a_guest_flooding_tx_does_not_stall_the_others(serve_backend, mock_front
     send(fe_c, frame(MAC_A, mac_c, b"c to a"))
     assert [f[14:] for _, f in receive(fe_a, 2)] == [b"b exists", b"c to a"]  # the broadcast waited for a too
     switch.close()
+
+
+def test_send_rarp_and_net_set_mtu(pair) -> None:  # noqa: ANN001
+    """SEND_RARP (after a migration) floods a RARP from the guest's MAC, which the
+    switch learns; NET_SET_MTU updates the config space's mtu."""
+    from vhostuser.protocol.message import VhostUserProtocolFeatures as PF
+    from vhostuser.testing.frontend import DEFAULT_PROTOCOL_FEATURES
+
+    switch, (a, fe_a), (_, fe_b) = pair(options(config_size=12,
+                                                protocol_features=int(DEFAULT_PROTOCOL_FEATURES | PF.RARP | PF.MTU)))
+    assert fe_a.protocol_features & PF.RARP and fe_a.protocol_features & PF.MTU
+    assert fe_a.acked_features >> NetFeature.MTU & 1 == 0  # not acked unless asked for
+    post_rx(fe_b, 2)
+    fe_a.frontend.send_rarp(MAC_A)
+    [(_, rarp)] = receive(fe_b)
+    assert rarp[:6] == BCAST and rarp[6:12] == MAC_A and rarp[12:14] == b"\x80\x35" and len(rarp) == 60
+    assert rarp[20:22] == b"\x00\x03" and rarp[22:28] == MAC_A   # opcode 3, sender = the MAC
+    assert switch.fdb()["02:00:00:00:00:01"] == "a"
+    fe_a.frontend.net_set_mtu(9000)
+    assert a.mtu == 9000 and a.get_config(10, 2) == struct.pack("<H", 9000)

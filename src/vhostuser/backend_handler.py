@@ -332,6 +332,12 @@ class VhostUserHandler(BackendReqHandler):
     def get_shared_object(self, uuid: UUID) -> int:
         return self.backend.get_shared_object(uuid)
 
+    def send_rarp(self, mac: bytes) -> None:
+        self.backend.send_rarp(bytes(mac))
+
+    def net_set_mtu(self, mtu: int) -> None:
+        self.backend.net_set_mtu(mtu)
+
     # ------------------------------------------------------------ inflight I/O
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[Inflight, int]:
         """Allocate a zeroed inflight area (one region per queue, in the layout of

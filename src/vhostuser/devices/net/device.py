@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ...backend import FIRST_DEVICE_TOKEN, VhostUserBackend
+from ...errors import DeviceError
+from ...protocol.message import VhostUserProtocolFeatures as PF
 from ...sys_util.event import EventConsumer, EventNotifier, new_event_consumer_and_notifier
 from .defs import (
     ETH_HLEN,
@@ -132,10 +135,31 @@ class NetBackend(VhostUserBackend):
 
     @property
     def device_features(self) -> int:  # type: ignore[override]
-        bits = 1 << NetFeature.MRG_RXBUF | 1 << NetFeature.MAC | 1 << NetFeature.STATUS
+        bits = 1 << NetFeature.MRG_RXBUF | 1 << NetFeature.MAC | 1 << NetFeature.STATUS | 1 << NetFeature.MTU
         if self.queue_pairs > 1:
             bits |= 1 << NetFeature.MQ
         return bits
+
+    def protocol_features(self) -> PF:
+        return super().protocol_features() | PF.RARP | PF.MTU
+
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: after a migration, broadcast a RARP from the guest's MAC
+        (as QEMU does for a guest without GUEST_ANNOUNCE), so switches - ours
+        included - learn where the MAC lives now."""
+        if len(mac) != 6:
+            raise DeviceError("SEND_RARP needs a 6-byte MAC")
+        frame = rarp_frame(mac)
+        log.info("%s: RARP for %s", self.name, format_mac(mac))
+        if self.on_tx is not None:
+            self.on_tx(self, frame)
+
+    def net_set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU: the MTU the front-end gives the guest (QEMU's host_mtu)."""
+        if not 68 <= mtu <= 65535:
+            raise DeviceError(f"MTU {mtu} is outside 68..65535")
+        self.mtu = mtu
+        self.config_space = net_config(self.mac, max_virtqueue_pairs=self.queue_pairs, mtu=mtu)
 
     def queues_per_thread(self) -> Sequence[int]:
         return [0b11 << (2 * k) for k in range(self.queue_pairs)]
@@ -333,6 +357,13 @@ class NetBackend(VhostUserBackend):
             out.append((chain, n))
             pos += n
         return out
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """A broadcast RARP request "who is ``mac``" from ``mac`` (RFC 903), as QEMU
+    announces a migrated guest."""
+    body = struct.pack(">HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return b"\xff" * 6 + mac + b"\x80\x35" + body + bytes(60 - 14 - len(body))
 
 
 def _flow_hash(frame: bytes) -> int:
