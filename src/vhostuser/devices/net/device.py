@@ -268,14 +268,14 @@ class NetBackend(VhostUserBackend):
         if length > MAX_FRAME_LEN:
             stats.drop(DropReason.TX_OVERSIZE)
             return None
-        data = chain.reader().read(total)
-        flags, gso_type = data[0], data[1]
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_type != VIRTIO_NET_HDR_GSO_NONE:
+        reader = chain.reader()
+        hdr = reader.read_exact(hlen)  # may span descriptors
+        if hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM or hdr[1] != VIRTIO_NET_HDR_GSO_NONE:
             stats.drop(DropReason.TX_OFFLOAD)  # none offered: the driver must not ask
             return None
         stats.tx_frames += 1
         stats.tx_bytes += length
-        return data[hlen:]
+        return reader.read(length)
 
     # ------------------------------------------------------------ RX
     def _fill_rx(self, pair: _Pair, vring: VringState) -> None:
@@ -346,7 +346,9 @@ class NetBackend(VhostUserBackend):
         hdr = VirtioNetHdr(num_buffers=len(chains) if self._mrg_rxbuf else 0).pack(self._hdr_len)
         if len(chains) == 1:
             chain = chains[0]
-            chain.writer().write(hdr + frame)
+            writer = chain.writer()
+            writer.write(hdr)
+            writer.write(frame)
             return [(chain, len(hdr) + len(frame))]
         data = memoryview(hdr + frame)
         out = []
