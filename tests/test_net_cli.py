@@ -39,3 +39,56 @@ def test_command_switches_between_two_sockets(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert [f[14:] for _, f in read_pcap(cap)] == [b"hello", b"hi a"]
+
+
+def _framed(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def _read_framed(sock, timeout: float = 10.0) -> bytes:  # noqa: ANN001 - socket.socket
+    sock.settimeout(timeout)
+    head = b""
+    while len(head) < 4:
+        head += sock.recv(4 - len(head))
+    n = int.from_bytes(head, "big")
+    body = b""
+    while len(body) < n:
+        body += sock.recv(n - len(body))
+    return body
+
+
+def test_stream_peer_with_qemu_netdev_stream_framing(tmp_path: Path) -> None:
+    """``--stream``: a peer speaking QEMU's -netdev stream framing (played by a
+    plain socket) exchanges frames with a vhost-user guest; a peer sending a bad
+    length is disconnected and the next one is served."""
+    import socket
+
+    sock, stream = tmp_path / "net.sock", tmp_path / "stream.sock"
+    mac_s = bytes.fromhex("020000000009")
+    with vhostuser_process(["net", "-s", str(sock), "--stream", str(stream), "-v"],
+                           stderr=subprocess.PIPE, text=True) as proc:
+        wait_for_path(sock, proc)
+        with MockFrontend.connect(str(sock), options()) as fe:
+            post_rx(fe, 8)
+            bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            bad.connect(str(stream))
+            bad.sendall((5).to_bytes(4, "big") + b"short")
+            bad.settimeout(10)
+            assert bad.recv(16) == b""            # disconnected
+            bad.close()
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.connect(str(stream))
+            try:
+                hello = frame(BCAST, mac_s, b"from a stock QEMU NIC")
+                peer.sendall(_framed(hello) + _framed(frame(BCAST, mac_s, b"second")))
+                assert [f for _, f in receive(fe, 2)] == [hello, frame(BCAST, mac_s, b"second")]
+                reply = frame(mac_s, MAC_A, b"reply" * 300)
+                send(fe, reply)
+                assert _read_framed(peer) == reply
+            finally:
+                peer.close()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+    assert "frame length of 5" in stderr
+    assert not stream.exists()

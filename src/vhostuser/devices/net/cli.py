@@ -11,6 +11,11 @@ One VM and the host (a TAP interface on the same switch)::
     vhostuser net --socket-path /tmp/net.sock --tap vhu0
     ip addr add 10.0.0.1/24 dev vhu0 && ip link set vhu0 up
 
+A VM with a stock QEMU NIC (QEMU's -netdev stream framing)::
+
+    vhostuser net -s /tmp/net.sock -c 2 --stream /tmp/net-stream.sock
+    # -netdev stream,id=s0,server=off,addr.type=unix,addr.path=/tmp/net-stream.sock -device virtio-net-pci,netdev=s0
+
 Capture and impair::
 
     vhostuser net -s /tmp/net.sock -c 2 --pcap /tmp/net.pcap \\
@@ -55,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="a port may not send with a source MAC learned on another port")
     sw.add_argument("--tap", metavar="NAME",
                     help="attach TAP interface NAME (created if missing) to the switch: the host's port")
+    sw.add_argument("--stream", metavar="PATH",
+                    help="listen on UNIX socket PATH for a QEMU -netdev stream peer (4-byte length framing): "
+                         "a VM with a stock QEMU NIC joins the switch")
     sw.add_argument("--pcap", metavar="FILE", help="capture every frame entering the switch (pcap format)")
     sw.add_argument("--impair", action="append", default=[], metavar="SPEC",
                     help="impair frames (repeatable): e.g. loss=5%%,seed=1 or latency=20ms,jitter=5ms,port=1")
@@ -84,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             socket_paths(args.socket_path, args.socket_count))
         base = parse_mac(args.mac) if args.mac else None
         impairments = [parse_impairment(spec) for spec in args.impair]
-        nports = len(where) + (1 if args.tap else 0)
+        nports = len(where) + (1 if args.tap else 0) + (1 if args.stream else 0)
         for spec in impairments:
             if spec.port is not None and not 0 <= spec.port < nports:
                 raise ValueError(f"--impair port={spec.port}: there are {nports} ports")
@@ -95,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     switch = L2Switch(ageing_time=args.ageing_time, mac_filter=args.mac_filter, pcap=pcap)
     served = []
     tap = None
+    stream = None
     try:
         for i, target in enumerate(where):
             name = f"net{i}" if len(where) > 1 else "net"
@@ -106,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
             from .tap import TapPort
 
             tap = TapPort(args.tap, switch)
+        if args.stream:  # after the TAP
+            from .stream import StreamPort
+
+            stream = StreamPort(args.stream, switch)
         for spec in impairments:
             for hook in spec.hooks:
                 switch.add_hook(hook, direction=spec.direction, port=spec.port)
@@ -113,17 +126,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"vhostuser net: {exc}", file=sys.stderr)
         for _, backend, _ in served:
             backend.close()
-        if tap is not None:
-            tap.close()
+        for extra in (tap, stream):
+            if extra is not None:
+                extra.close()
         switch.close()
         return 2
     try:
         return serve_daemons("net", served)
     finally:
-        if tap is not None:
-            tap.close()
-            if tap.drops:
-                log.info("tap %s drops: %s", tap.name, dict(tap.drops))
+        for extra in (tap, stream):
+            if extra is not None:
+                extra.close()
+                if extra.drops:
+                    log.info("%s drops: %s", extra.port.name, dict(extra.drops))
         switch.close()
         for name, backend, _ in served:
             log.info("%s: %s", name, backend.stats)
