@@ -411,7 +411,7 @@ def test_send_rarp_and_net_set_mtu(pair) -> None:  # noqa: ANN001
     switch, (a, fe_a), (_, fe_b) = pair(options(config_size=12,
                                                 protocol_features=int(DEFAULT_PROTOCOL_FEATURES | PF.RARP | PF.MTU)))
     assert fe_a.protocol_features & PF.RARP and fe_a.protocol_features & PF.MTU
-    assert fe_a.acked_features >> NetFeature.MTU & 1 == 0  # not acked unless asked for
+    assert a.features() >> NetFeature.MTU & 1 == 0  # not offered (DPDK's virtio-user mishandles it)
     post_rx(fe_b, 2)
     fe_a.frontend.send_rarp(MAC_A)
     [(_, rarp)] = receive(fe_b)
