@@ -168,6 +168,8 @@ def test_manual_qemu_lines_say_how_to_get_a_guest(manual: Path, monkeypatch: pyt
     if not _QEMU_BLOCK.search(text):
         return  # no QEMU line with an elision (a device QEMU 7.2 has no front-end for)
     assert "`-kernel` and `-initrd`" in text, manual.name
+    if "-device vhost-user-" not in text:
+        return  # e.g. net (-netdev vhost-user): the rig's Python API is named instead
     m = _RIG_RUN.search(text)
     assert m, f"{manual.name}: no 'python -m vhostuser.testing.guest run' line"
     args = ["run", m.group(1).strip("'"), *m.group(2).replace("\\\n", " ").split()]

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
+    "net": ("vhostuser.devices.net.cli", "virtio-net back-end (a learning switch between VMs, capture, impairments)"),
     "scsi": ("vhostuser.devices.scsi", "virtio-scsi back-end (LUNs on image files)"),
     "gpio": ("vhostuser.devices.gpio", "virtio-gpio back-end (simulated GPIO chip)"),
     "i2c": ("vhostuser.devices.i2c", "virtio-i2c back-end (simulated devices, host /dev/i2c-N)"),
@@ -151,6 +152,10 @@ def input_main() -> int:
 
 def sound_main() -> int:
     return _device_command("sound")
+
+
+def net_main() -> int:
+    return _device_command("net")
 
 
 if __name__ == "__main__":
