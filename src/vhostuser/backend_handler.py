@@ -29,7 +29,7 @@ from .protocol.message import VirtioFeatures as VF
 from .protocol import payloads as P
 from .protocol.payloads import Inflight
 from .sys_util.event import EventConsumer, EventNotifier
-from .sys_util.shm import MappedRegion, create_shm_fd, map_fd
+from .sys_util.shm import MappedRegion, create_shm_fd, fd_size, map_fd
 from .virtqueue.inflight import queue_region_size
 from .vring import VringAddresses, VringState
 from .worker import Worker
@@ -328,9 +328,19 @@ class VhostUserHandler(BackendReqHandler):
         return self.backend.get_shared_object(uuid)
 
     # ------------------------------------------------------------ inflight I/O
+    def _check_inflight_geometry(self, num_queues: int, queue_size: int) -> None:
+        """The inflight area is bounded by the device: at most its queue count
+        and its largest queue size (a hostile front-end cannot make us create
+        or map gigabytes)."""
+        if not 0 < num_queues <= self.backend.num_queues:
+            raise DeviceError(f"inflight area for {num_queues} queues; the device has {self.backend.num_queues}")
+        if not 0 < queue_size <= self.backend.max_queue_size:
+            raise DeviceError(f"inflight queue size {queue_size} not in 1..{self.backend.max_queue_size}")
+
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[Inflight, int]:
         """Allocate a zeroed inflight area (one region per queue, in the layout of
         the negotiated ring type); the front-end keeps it across back-end restarts."""
+        self._check_inflight_geometry(num_queues, queue_size)
         packed = bool(self.acked_features & VF.RING_PACKED)
         size = num_queues * queue_region_size(queue_size, packed)
         fd = create_shm_fd(size, "vhostuser-inflight")
@@ -342,12 +352,23 @@ class VhostUserHandler(BackendReqHandler):
         return Inflight(size, 0, num_queues, queue_size), fd  # the dispatcher sends, then closes, the fd
 
     def set_inflight_fd(self, inflight: Inflight, fd: int) -> None:
-        """The inflight area (maybe of a back-end that crashed): used when rings start."""
+        """The inflight area (maybe of a back-end that crashed): used when rings start.
+        Refused unless it holds a whole region for each of its queues and the fd
+        really is that large (a shorter file would fault on access)."""
         try:
+            self._check_inflight_geometry(inflight.num_queues, inflight.queue_size)
+            packed = bool(self.acked_features & VF.RING_PACKED)
+            need = inflight.num_queues * queue_region_size(inflight.queue_size, packed)
+            if inflight.mmap_size < need:
+                raise DeviceError(f"inflight area of {inflight.mmap_size} bytes is too small for "
+                                  f"{inflight.num_queues} queues of {inflight.queue_size} ({need} bytes)")
+            if fd_size(fd) < inflight.mmap_offset + inflight.mmap_size:
+                raise DeviceError(f"inflight fd is {fd_size(fd)} bytes, shorter than its area "
+                                  f"({inflight.mmap_offset:#x}+{inflight.mmap_size:#x})")
             region = map_fd(fd, inflight.mmap_size, inflight.mmap_offset)
         finally:
             os.close(fd)
-        self._attach_inflight(region, inflight.queue_size, bool(self.acked_features & VF.RING_PACKED))
+        self._attach_inflight(region, inflight.queue_size, packed)
 
     def _attach_inflight(self, region: MappedRegion, queue_size: int, packed: bool) -> None:
         per_queue = queue_region_size(queue_size, packed)
@@ -398,6 +419,7 @@ class VhostUserHandler(BackendReqHandler):
     def disconnected(self) -> None:
         """The front-end went away: stop rings, unmap memory, close every fd we
         received, reset the device and the negotiation state."""
+        self.backend.cancel_device_state()
         self.reset_device()
         with self._all_locks():
             if self.memory is not None:
