@@ -129,10 +129,7 @@ class VhostUserHandler(BackendReqHandler):
         self._worker_of(vring.index).unwatch_kick(vring.index)
         base = vring.stop()
         if was_running:
-            try:
-                self.backend.vring_stopped(vring.index, vring)
-            except Exception:  # noqa: BLE001
-                log.exception("vring_stopped hook failed for queue %d", vring.index)
+            self._worker_of(vring.index).call_hook(self.backend.vring_stopped, vring)
         return base
 
     # ------------------------------------------------------ feature negotiation
@@ -216,8 +213,11 @@ class VhostUserHandler(BackendReqHandler):
             self.dirty_log = new
             if self.memory is not None:
                 self.memory.set_dirty_log(new)
+            for vring in self.vrings:  # running queues log into the new log from now on
+                if vring.queue is not None:
+                    vring.queue.refresh_dirty_log()
         if old is not None:
-            old.close()
+            old.close()  # unmapped when the last snapshot using it lets go
 
     def set_log_fd(self, fd: int) -> None:
         if self.log_notifier is not None:
@@ -292,12 +292,13 @@ class VhostUserHandler(BackendReqHandler):
         with vring.lock:
             was_running = vring.started and vring.enabled
             vring.enabled = bool(enable)
+            worker = self._worker_of(index)
             if vring.started and vring.enabled and not was_running:
-                self.backend.vring_started(index, vring)
+                worker.call_hook(self.backend.vring_started, vring)  # a failing hook is logged, contained
                 if vring.kick_pending:  # a kick that arrived while disabled is not lost
-                    self._worker_of(index).kick_now(index)
+                    worker.kick_now(index)
             elif was_running and not vring.enabled:
-                self.backend.vring_stopped(index, vring)
+                worker.call_hook(self.backend.vring_stopped, vring)
 
     def vring_kick(self, index: int) -> None:
         """In-band kick (INBAND_NOTIFICATIONS)."""
@@ -315,14 +316,17 @@ class VhostUserHandler(BackendReqHandler):
 
     # ---------------------------------------------------- back-end channel
     def set_backend_req_fd(self, channel: BackendChannel) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        self.channel = channel
+        # Swap under every worker lock and close the old channel only then: a
+        # worker inside vring_call() on the old channel finishes it first.
+        old = self.channel
         inband = channel if self.acked_protocol_features & PF.INBAND_NOTIFICATIONS else None
-        for vring in self.vrings:
-            with vring.lock:
+        with self._all_locks():
+            self.channel = channel
+            for vring in self.vrings:
                 vring.inband = inband
-        self.backend.set_backend_req_fd(channel)
+            self.backend.set_backend_req_fd(channel)
+        if old is not None:
+            _close_quietly(old)
 
     def get_shared_object(self, uuid: UUID) -> int:
         return self.backend.get_shared_object(uuid)

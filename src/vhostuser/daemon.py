@@ -56,6 +56,8 @@ class VhostUserDaemon:
         self.socket_path: str | None = None
         #: number of front-end connections served so far
         self.connections = 0
+        #: the protocol state of the front-end being served (None between connections)
+        self.connection: BackendConnection | None = None
         #: set while a front-end is connected (cleared once its session is cleaned up)
         self.connected = threading.Event()
 
@@ -174,7 +176,7 @@ class VhostUserDaemon:
         self.connections += 1
         self._endpoint = endpoint
         self.connected.set()
-        conn = BackendConnection(endpoint, self.handler)
+        conn = self.connection = BackendConnection(endpoint, self.handler)
         log.info("%s: front-end connected", self.name)
         fd = endpoint.fileno()  # kept: a fatal protocol error closes the endpoint before we unregister
         self._poller.register(fd, _CONNECTION)
@@ -194,6 +196,7 @@ class VhostUserDaemon:
             self._poller.unregister(fd)
             endpoint.close()
             self._endpoint = None
+            self.connection = None
             self.handler.disconnected()
             self.connected.clear()  # after the clean-up: every fd of the session is closed
 

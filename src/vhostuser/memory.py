@@ -348,8 +348,14 @@ class GuestMemory:
     def set_dirty_log(self, dirty_log: DirtyLog | None) -> None:
         """Attach (or detach) the dirty log that queues using this snapshot mark
         written pages in.  Carried over by :meth:`with_region`/:meth:`without_region`.
-        The log is not owned: its owner closes it."""
-        self.dirty_log = dirty_log
+        The snapshot holds a reference on the log (dropped on :meth:`close` or the
+        next change): the log stays mapped while a snapshot that may still be in
+        use points at it, also after its owner closed it."""
+        if dirty_log is not None:
+            dirty_log.retain()
+        old, self.dirty_log = self.dirty_log, dirty_log
+        if old is not None:
+            old.release()
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -410,7 +416,7 @@ class GuestMemory:
                 region.close()
             raise GuestMemoryError(f"no free memory slot (limit {self.max_slots})")
         new = GuestMemory((*self._regions, region), max_slots=self.max_slots)
-        new.dirty_log = self.dirty_log
+        new.set_dirty_log(self.dirty_log)
         return new
 
     def without_region(self, guest_phys_addr: int, memory_size: int) -> GuestMemory:
@@ -425,7 +431,7 @@ class GuestMemory:
         if len(keep) == len(self._regions):
             raise GuestMemoryError(f"no memory region at gpa={guest_phys_addr:#x} size={memory_size:#x}")
         new = GuestMemory(keep, max_slots=self.max_slots)
-        new.dirty_log = self.dirty_log
+        new.set_dirty_log(self.dirty_log)
         return new
 
     # -------------------------------------------------------------- lifetime
@@ -434,6 +440,7 @@ class GuestMemory:
         if self._closed:
             return
         self._closed = True
+        self.set_dirty_log(None)
         for r in self._regions:
             r._release()
 
@@ -666,6 +673,8 @@ class DirtyLog:
         self._lock = threading.Lock()
         self._warned = False
         self._closed = False
+        self._refs = 1  # the owner's; close() drops it
+        self._owner_closed = False
 
     @classmethod
     def from_fd(cls, fd: int, size: int, offset: int = 0, *, keep_fd: bool = False) -> DirtyLog:
@@ -756,11 +765,35 @@ class DirtyLog:
         with self._lock:
             self._view[:] = bytes(self.size)
 
+    def retain(self) -> None:
+        """Take a reference (a memory snapshot that points at the log)."""
+        with self._lock:
+            if self._closed:
+                raise GuestMemoryError("the dirty log is closed")
+            self._refs += 1
+
+    def release(self) -> None:
+        """Drop a reference; the last one unmaps the log."""
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self._unmap()
+
     def close(self) -> None:
-        """Unmap the log (and close its kept fd).  Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """The owner lets go (idempotent): the log is unmapped (and its kept fd
+        closed) once no memory snapshot refers to it any more."""
+        with self._lock:
+            if self._owner_closed:
+                return
+            self._owner_closed = True
+        self.release()
+
+    def _unmap(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         _unmap(self._view, self._mmap, "dirty log")
         self._mmap = None
         if self.fd is not None:

@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -182,7 +182,7 @@ class Worker:
                 vring.fail(exc)
                 return
             if vring.enabled:
-                self._call_hook(self.backend.vring_started, vring)
+                self.call_hook(self.backend.vring_started, vring)
         if not vring.enabled:
             vring.kick_pending = True
             return
@@ -201,7 +201,9 @@ class Worker:
         except Exception:  # noqa: BLE001
             log.exception("device failed while handling its event %d", token)
 
-    def _call_hook(self, hook, vring: VringState) -> None:  # noqa: ANN001
+    def call_hook(self, hook: Callable[[int, VringState], None], vring: VringState) -> None:
+        """Run a device's ``vring_started``/``vring_stopped``: a failure is logged,
+        never raised (the protocol request that caused it still succeeds)."""
         try:
             hook(vring.index, vring)
         except Exception:  # noqa: BLE001
