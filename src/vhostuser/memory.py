@@ -38,6 +38,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from . import memory_guard
 from .errors import GuestAddressError, GuestMemoryError
 
 __all__ = [
@@ -124,6 +125,7 @@ class MemoryRegion:
         "_refs",
         "_lock",
         "_closed",
+        "_guarded",
     )
 
     def __init__(
@@ -163,6 +165,7 @@ class MemoryRegion:
         self._refs = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._guarded = False  # registered with the C core's SIGBUS guard
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -209,6 +212,13 @@ class MemoryRegion:
                 host_addr=_buffer_address(mm) + delta,
                 fd=fd if keep_fd else None,
             )
+            try:
+                region._guarded = memory_guard.protect(fd, mmap_offset, memory_size, region.host_addr,
+                                                       f"memory region gpa={guest_phys_addr:#x}")
+            except BaseException:
+                region.fd = None
+                region.close()
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -291,6 +301,8 @@ class MemoryRegion:
             if self._closed:
                 return
             self._closed = True
+        if self._guarded:
+            memory_guard.unprotect(self.host_addr)
         _unmap(self._view, self._mmap, repr(self))
         self._mmap = None
         if self.fd is not None:
@@ -675,6 +687,7 @@ class DirtyLog:
         self._closed = False
         self._refs = 1  # the owner's; close() drops it
         self._owner_closed = False
+        self._guarded = False  # registered with the C core's SIGBUS guard: marked through it
 
     @classmethod
     def from_fd(cls, fd: int, size: int, offset: int = 0, *, keep_fd: bool = False) -> DirtyLog:
@@ -691,6 +704,12 @@ class DirtyLog:
             except (OSError, ValueError, OverflowError) as exc:
                 raise GuestMemoryError(f"cannot map the dirty log: {exc}") from exc
             dl = cls(memoryview(mm)[delta : delta + size], backing=mm, fd=fd if keep_fd else None)
+            try:
+                dl._guarded = memory_guard.protect(fd, offset, size, dl.host_addr, "dirty log")
+            except BaseException:
+                dl.fd = None
+                dl.close()
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -731,6 +750,10 @@ class DirtyLog:
             if first >= limit:
                 return
             last = limit - 1
+        if self._guarded:  # a front-end may have shrunk it: let the C core catch the fault
+            with self._lock:
+                memory_guard.mark_log(self.host_addr, self.size, gpa, length)
+            return
         with self._lock:
             page = first
             while page <= last:
@@ -794,6 +817,8 @@ class DirtyLog:
             if self._closed:
                 return
             self._closed = True
+        if self._guarded:
+            memory_guard.unprotect(self.host_addr)
         _unmap(self._view, self._mmap, "dirty log")
         self._mmap = None
         if self.fd is not None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from .errors import GuestMemoryError, QueueError
 from .sys_util.poll import EVENT_READ, Poller
 
 if TYPE_CHECKING:
@@ -203,8 +204,13 @@ class Worker:
 
     def call_hook(self, hook: Callable[[int, VringState], None], vring: VringState) -> None:
         """Run a device's ``vring_started``/``vring_stopped``: a failure is logged,
-        never raised (the protocol request that caused it still succeeds)."""
+        never raised (the protocol request that caused it still succeeds).  A
+        data-path error on the ring (a hostile ring, guest memory that faulted)
+        fails the ring, as it would in :meth:`handle_event`."""
         try:
             hook(vring.index, vring)
+        except (QueueError, GuestMemoryError) as exc:
+            log.error("device hook %s: queue %d failed", getattr(hook, "__name__", hook), vring.index)
+            vring.fail(exc)
         except Exception:  # noqa: BLE001
             log.exception("device hook %s failed for queue %d", getattr(hook, "__name__", hook), vring.index)

@@ -1,0 +1,47 @@
+/*
+ * vhostuser native core: surviving SIGBUS in guest memory.
+ *
+ * A front-end may shrink the file behind guest memory (or the dirty log) after
+ * we mapped it; the next access to the missing part raises SIGBUS.  The
+ * vu_safe_* functions are the ring.h entry points run under a per-thread
+ * recovery point: a SIGBUS at an address inside a registered guest mapping,
+ * raised while this thread is inside a vu_safe_* call, jumps back out of it and
+ * the call returns -VU_E_GUEST_FAULT (25) with err_a = the faulting address
+ * (and, for queue functions, the queue marked broken).  Any other SIGBUS goes
+ * to the handler that was installed before ours (or the default action).
+ * Contract: docs/robustness.md.
+ *
+ * SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+ */
+#ifndef VHOSTUSER_GUARD_H
+#define VHOSTUSER_GUARD_H
+
+#include "ring.h"
+
+/* CDEF-BEGIN */
+/* Install the SIGBUS handler (again, if someone replaced it); 0 or -errno. */
+int vu_guard_install(void);
+/* Register / forget a mapping whose faults are recoverable; 0, or -1 if the
+   table is full (the mapping is then not guarded). */
+int vu_guard_add_range(uint8_t *start, uint64_t size);
+void vu_guard_remove_range(uint8_t *start);
+/* How many faults were recovered so far (diagnostics, tests). */
+uint64_t vu_guard_faults(void);
+
+int vu_safe_queue_configure(struct vu_queue *q, const struct vu_mem_table *mem);
+int vu_safe_queue_pop_batch(struct vu_queue *q, const struct vu_mem_table *mem, uint32_t max_chains,
+                            struct vu_chain_batch *b);
+int vu_safe_queue_add_used_batch(struct vu_queue *q, const struct vu_mem_table *mem, const uint32_t *ids,
+                                 const uint32_t *lens, const uint32_t *slots, uint32_t n);
+int vu_safe_queue_needs_notification(struct vu_queue *q, const struct vu_mem_table *mem);
+int vu_safe_queue_set_notification(struct vu_queue *q, const struct vu_mem_table *mem, int enable);
+int vu_safe_queue_avail_pending(struct vu_queue *q, const struct vu_mem_table *mem);
+int64_t vu_safe_gather(const struct vu_mem_table *mem, const uint64_t *addrs, const uint32_t *lens,
+                       uint32_t start, uint32_t count, uint64_t skip, void *out, uint64_t n, uint64_t *fault);
+int64_t vu_safe_scatter(const struct vu_mem_table *mem, const uint64_t *addrs, const uint32_t *lens,
+                        uint32_t start, uint32_t count, uint64_t skip, const char *data, uint64_t n,
+                        uint64_t *fault);
+int vu_safe_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len, uint64_t *fault);
+/* CDEF-END */
+
+#endif
