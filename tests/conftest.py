@@ -12,6 +12,11 @@ the context manager::
     with check_no_fd_leak():
         ...
 
+``@pytest.mark.impl_pass("native")`` (or ``"python"``) runs a test only in the
+pass of ``scripts/test`` whose implementation (``VHOSTUSER_IMPL``, see
+``vhostuser._impl.IMPL``) matches: the other pass deselects it (not a skip).  For
+slow guest tests where one pass covers a combination.
+
 ``variant_params(Kind, AVAILABLE)`` makes one ``pytest.param`` per member of an
 OS-layer variant enum (``EventKind``, ``ShmKind``, ``SelectorKind``), skipping the
 ones this system lacks, so one test body covers every variant.
@@ -85,3 +90,17 @@ def variant_params(kinds: type[enum.Enum], available: Collection[enum.Enum]) -> 
     at all, so a skip in the test report always means something.
     """
     return [pytest.param(k, id=str(k.value)) for k in kinds if k in available]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect ``impl_pass`` tests of the other implementation's pass."""
+    from vhostuser._impl import IMPL
+
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        mark = item.get_closest_marker("impl_pass")
+        (dropped if mark is not None and IMPL not in mark.args else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

@@ -103,6 +103,7 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.both_impls  # the guest's I/O runs through the data-path core
 def test_guest_io_same_as_qemu_storage_daemon(tmp_path: Path, short_dir: Path, no_fd_leak: None) -> None:
     ours_img = make_image(tmp_path / "ours.img")
     qsd_img = make_image(tmp_path / "qsd.img")
@@ -159,6 +160,7 @@ if dd if=/pattern.bin of=/dev/vdb bs=4096 count=1 oflag=direct 2>/dev/null; then
 """
 
 
+@pytest.mark.both_impls  # the guest's I/O runs through the data-path core
 def test_guest_multiqueue_packed_direct_and_a_read_only_disk(tmp_path: Path, short_dir: Path) -> None:
     rw_img = make_image(tmp_path / "rw.img")
     ro_img = make_image(tmp_path / "ro.img", fill=PATTERN)

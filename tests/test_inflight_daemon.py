@@ -61,3 +61,27 @@ def test_requests_in_flight_when_the_backend_dies_complete_after_restart(tmp_pat
         reap(first)
         if second is not None:
             reap(second)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_new_inflight_area_keeps_the_ring_position_of_set_vring_base(tmp_path: Path, packed: bool) -> None:
+    """A live-migration destination: its QEMU has a NEW inflight area while the
+    rings continue from the source's GET_VRING_BASE.  The position must come from
+    SET_VRING_BASE (a packed ring once restarted from the new area's used index 0
+    and the guest hung)."""
+    sock = tmp_path / "inflight.sock"
+    backend = start_backend(sock, "echo")
+    try:
+        opts = FrontendOptions(inflight=True, packed=packed, queue_size=8)
+        with MockFrontend.connect(str(sock), opts) as fe:
+            for i in range(5):  # the ring positions move away from 0
+                assert fe.request(0, [f"r{i}".encode()], [8]).data[:2] == f"R{i}".encode()
+            bases = fe.stop()
+            assert bases[0] not in (0, 0x80008000)
+            fe.drop_inflight_area()
+            fe.start(bases)
+            for i in range(12):  # past the end of the 8-entry ring: the wrap counters matter too
+                assert fe.request(0, [f"n{i:02}".encode()], [8]).data[:3] == f"N{i:02}".encode()
+            assert fe.reap(0) == []
+    finally:
+        reap(backend)

@@ -49,6 +49,7 @@ def test_guest_reads_exactly_the_source_file(tmp_path: Path) -> None:
     backend.close()
 
 
+@pytest.mark.both_impls  # the guest's I/O runs through the data-path core
 def test_guest_reads_the_whole_file_in_order(tmp_path: Path) -> None:
     """The guest reads the file to its end: once the script has stopped the
     kernel's own reader (khwrngd, which virtio-rng's quality of 1000 starts, and

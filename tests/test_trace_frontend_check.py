@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
+from vhostuser.errors import RequestFailed
+from vhostuser.frontend import Frontend
 from vhostuser.protocol.message import VirtioFeatures as VF
 from vhostuser.testing import FrontendOptions, MockFrontend
 from vhostuser.testing.guest import VhostUserDevice, start_guest
@@ -65,6 +67,26 @@ def test_a_valid_front_end_passes() -> None:
                  "get-vring-base-before-reuse", "backend-close"):
         assert by_name[name].status == "pass", (name, by_name[name].detail)
     assert by_name["reconnect"].status == "pass", by_name["reconnect"].detail
+    # the second run: the tracer refused the memory table; the mock gives up (RequestFailed) cleanly
+    nack = by_name["handles-nack"]
+    assert nack.status == "pass" and "ADD_MEM_REG" in nack.detail and "rings started" not in nack.detail, nack
+
+
+def test_a_front_end_that_ignores_a_nack_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A front-end that swallows the NACK of its memory table and starts its rings anyway."""
+    real = Frontend.request
+
+    def deaf(self: Frontend, *args: object, **kw: object) -> object:
+        try:
+            return real(self, *args, **kw)  # type: ignore[arg-type]
+        except RequestFailed:
+            return None
+
+    monkeypatch.setattr(Frontend, "request", deaf)
+    results = check_frontend("rng", lambda path: _reconnecting_mock(path, QEMU_RNG), timeout=20,
+                             backend_close=False)
+    nack = {r.name: r for r in results}["handles-nack"]
+    assert nack.status == "fail" and not nack.required and "rings started" in nack.detail, nack
 
 
 @pytest.mark.parametrize(("changes", "group", "rule"), [
@@ -73,7 +95,8 @@ def test_a_valid_front_end_passes() -> None:
 ], ids=["ring-size", "features-offered"])
 def test_a_broken_front_end_fails(changes: dict, group: str, rule: str) -> None:
     bad = QEMU_RNG.replace(**changes)
-    results = check_frontend("rng", lambda path: _reconnecting_mock(path, bad), timeout=10, backend_close=False)
+    results = check_frontend("rng", lambda path: _reconnecting_mock(path, bad), timeout=10, backend_close=False,
+                             nack=())
     by_name = {r.name: r for r in results}
     assert by_name[group].status == "fail" and rule in by_name[group].detail, by_name[group]
     assert not all(r.ok for r in results)
@@ -100,3 +123,5 @@ def test_qemu_rng_front_end_is_judged() -> None:
                  "get-vring-base-before-reuse", "messages", "backend-close"):
         assert by_name[name].status == "pass", (name, by_name[name].detail)
     assert by_name["reconnect"].status == "fail" and not by_name["reconnect"].required
+    print("QEMU 7.2 after a NACK:", by_name["handles-nack"])
+    assert by_name["handles-nack"].status == "pass", by_name["handles-nack"].detail

@@ -18,10 +18,8 @@ reordering fail), and the sizes are compared.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -38,7 +36,7 @@ import pytest
 from vhostuser.daemon import VhostUserDaemon
 from vhostuser.devices.vsock.device import VsockBackend
 from vhostuser.devices.vsock.engine import VsockEngineConfig
-from vhostuser.testing.guest import VhostUserDevice, cache_dir, start_guest
+from vhostuser.testing.guest import VhostUserDevice, build_static_program, start_guest
 
 pytestmark = pytest.mark.qemu
 
@@ -55,24 +53,7 @@ _MiB = 1 << 20
 # -------------------------------------------------------------- the program
 def build_vsock_io() -> Path:
     """Compile vsock_io.c (static) once per source version; returns the binary."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + b"gcc -static -O2").hexdigest()[:16]
-    out = cache_dir() / "bin" / f"vsock_io-{digest}"
-    if out.exists():
-        return out
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.fail("gcc not found: install the Debian packages gcc and libc6-dev (static glibc)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    done = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)], capture_output=True,
-                          text=True, timeout=120, check=False)
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        pytest.fail(f"building {SOURCE.name} failed (static glibc is in the Debian package libc6-dev, "
-                    f"<linux/vm_sockets.h> in linux-libc-dev):\n{done.stderr}")
-    os.replace(tmp, out)
-    return out
+    return build_static_program(SOURCE, flags=("-O2", "-Wall"))
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +209,7 @@ H2G_BYTES = 8 * _MiB + 45       # host -> guest stream
 H2G_BACK = 2 * _MiB + 9         # the guest's answer on it
 
 
+@pytest.mark.both_impls  # the guest's I/O runs through the data-path core
 def test_guest_streams_both_ways(no_fd_leak: None, vsock_io: Path, tmp_path: Path) -> None:
     uds = str(tmp_path / "vm.vsock")
     sock = str(tmp_path / "vhost.sock")

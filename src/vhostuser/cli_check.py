@@ -29,7 +29,7 @@ exit status is 0 if and only if every required check passed.
   vhostuser check --frontend --device rng --exec "qemu-system-x86_64 ... \\
       -chardev socket,id=c0,path={socket} -device vhost-user-rng-pci,chardev=c0"
 
-With --frontend the roles turn: a back-end of --device type (rng, blk, vsock) is
+With --frontend the roles turn: a back-end of --device type (rng, blk, vsock, net) is
 served behind a checking tracer and the front-end started by --exec is judged
 (order, negotiation, memory table, rings, GET_VRING_BASE before reuse, surviving
 a back-end that closes mid-session, reconnecting).  See docs/tools/trace.md.
@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "({socket} is where it must connect), report what it does against the spec")
     parser.add_argument("--no-backend-close", dest="backend_close", action="store_false",
                         help="--frontend: do not close the session mid-way (reconnect check)")
-    parser.add_argument("--device", choices=["rng", "blk", "echo", "vsock"],
+    parser.add_argument("--nack", metavar="REQ[,REQ]", default="SET_MEM_TABLE,ADD_MEM_REG",
+                        help="--frontend: start the front-end a second time and answer the first acknowledged "
+                             "REQ with a failure (default: the memory table); 'none' skips this run")
+    parser.add_argument("--device", choices=["rng", "blk", "echo", "vsock", "net"],
                         help="also check device-class behaviour (requests are answered correctly)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
@@ -109,7 +112,8 @@ def run_frontend(args: argparse.Namespace) -> int:
                                 stderr=subprocess.DEVNULL, start_new_session=True)
 
     results = check_frontend(args.device, launch, timeout=max(args.timeout, 60.0),
-                             backend_close=args.backend_close)
+                             backend_close=args.backend_close,
+                             nack=() if args.nack.lower() == "none" else tuple(args.nack.upper().split(",")))
     if args.json:
         json.dump(results_json(results), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -123,6 +127,11 @@ def run_frontend(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.frontend:
         return run_frontend(args)
+    from .testing.device_profiles import PROFILES
+    if args.device is not None and args.device not in PROFILES:
+        print(f"vhostuser check: no device-class checks for {args.device!r} back-ends yet "
+              f"({', '.join(sorted(PROFILES))}); --device {args.device} is for --frontend", file=sys.stderr)
+        return 2
     from .testing.checker import format_report, format_result, results_json, run_checks
     from .testing.frontend import FrontendOptions
 

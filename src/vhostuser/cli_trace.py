@@ -22,7 +22,9 @@ fresh socket path).  Every message and fd is passed through unchanged and printe
 direction, request, flags, payload fields, fd kinds (memfd:size, eventfd, socket),
 the reply matched to its request, the back-end channel (SET_BACKEND_REQ_FD) too.
 A summary follows each session.  --json prints JSON Lines (fields documented in
-docs/tools/trace.md); --check adds spec findings (exit status 1 if any error).
+docs/tools/trace.md); --check adds spec findings (exit status 1 if any error);
+--rings adds what each kick and call moved on the rings (blk: type, sector,
+length, status; net: frames; vsock: op, ports; others: buffer lengths).
 
   vhostuser trace --listen /tmp/front.sock --connect /tmp/back.sock
   vhostuser trace --listen /tmp/front.sock --exec "vhostuser rng --socket-path {socket}" --check
@@ -38,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="start this back-end ({socket} is replaced by its socket path); stopped at exit")
     parser.add_argument("--json", action="store_true", help="JSON Lines, one object per event")
     parser.add_argument("--check", action="store_true", help="check both sides against the spec")
+    parser.add_argument("--rings", action="store_true",
+                        help="interpose the kick/call fds and report what each kick and call moved on the "
+                             "rings (split rings; requests decoded per --device)")
     parser.add_argument("--device", choices=["blk", "net", "rng", "vsock", "console", "scsi"],
                         help="device type, to name device feature bits")
     parser.add_argument("--sessions", type=int, metavar="N", help="exit after N sessions ended")
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         with _output(args.output) as out:
             sink = JsonWriter(out) if args.json else TextWriter(out)
             options = TraceOptions(check=args.check, device=args.device, connect_timeout=args.timeout,
-                                   max_sessions=args.sessions)
+                                   max_sessions=args.sessions, rings=args.rings)
             try:
                 proxy = TraceProxy(args.listen, backend, sink, options)
             except OSError as exc:

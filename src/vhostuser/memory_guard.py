@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from typing import Any, NoReturn
 
 from . import _impl
 from .errors import GuestMemoryError
@@ -80,12 +81,18 @@ def recovered_faults() -> int:
     return int(native.lib.vu_guard_faults()) if native is not None else 0
 
 
-def mark_log(log_host: int, log_size: int, gpa: int, length: int) -> None:
-    """Mark pages in a guarded dirty log through the C core (a fault raises
-    :class:`~vhostuser.errors.GuestMemoryFault`).  Only for guarded logs."""
+def mark_log(log_ptr: Any, log_size: int, gpa: int, length: int) -> None:
+    """Mark pages in a dirty log (``log_ptr``: its ``uint8_t *``) with the C
+    core's atomic ORs under its SIGBUS guard: a shrunk log raises
+    :class:`~vhostuser.errors.GuestMemoryFault`.  Only with the C core."""
     native = _impl.NATIVE
     fault = native.ffi.new("uint64_t *")
-    if native.lib.vu_safe_log_mark(native.ffi.cast("uint8_t *", log_host), log_size, gpa, length, fault) < 0:
-        from .virtqueue.errcodes import ErrorCode, make_error  # noqa: PLC0415
+    if native.lib.vu_safe_log_mark(log_ptr, log_size, gpa, length, fault) < 0:
+        raise_fault(fault[0])
 
-        raise make_error(ErrorCode.GUEST_FAULT, fault[0])
+
+def raise_fault(host_addr: int) -> NoReturn:
+    """Raise the :class:`~vhostuser.errors.GuestMemoryFault` of a recovered fault."""
+    from .virtqueue.errcodes import ErrorCode, make_error  # noqa: PLC0415
+
+    raise make_error(ErrorCode.GUEST_FAULT, host_addr)

@@ -199,3 +199,12 @@ int vu_safe_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len
 {
     VU_GUARDED(int, VU_OUT_FAULT, vu_log_mark_rc(log, log_size, gpa, len));
 }
+
+int64_t vu_safe_log_written(uint8_t *log, uint64_t log_size, const uint64_t *addrs, const uint32_t *lens,
+                            const uint32_t *desc_start, const uint32_t *nread, const uint32_t *ndesc,
+                            uint32_t first, uint32_t count, const uint32_t *used_lens, uint64_t *fault)
+{
+    VU_GUARDED(int64_t, VU_OUT_FAULT,
+               (int64_t)vu_log_written(log, log_size, addrs, lens, desc_start, nread, ndesc, first, count,
+                                       used_lens));
+}

@@ -42,6 +42,10 @@ int64_t vu_safe_scatter(const struct vu_mem_table *mem, const uint64_t *addrs, c
                         uint32_t start, uint32_t count, uint64_t skip, const char *data, uint64_t n,
                         uint64_t *fault);
 int vu_safe_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len, uint64_t *fault);
+/* vu_log_written's page count, or -25 after a fault */
+int64_t vu_safe_log_written(uint8_t *log, uint64_t log_size, const uint64_t *addrs, const uint32_t *lens,
+                            const uint32_t *desc_start, const uint32_t *nread, const uint32_t *ndesc,
+                            uint32_t first, uint32_t count, const uint32_t *used_lens, uint64_t *fault);
 /* CDEF-END */
 
 #endif

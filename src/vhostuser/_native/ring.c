@@ -257,6 +257,29 @@ void vu_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len)
     }
 }
 
+uint64_t vu_log_written(uint8_t *log, uint64_t log_size, const uint64_t *addrs, const uint32_t *lens,
+                        const uint32_t *desc_start, const uint32_t *nread, const uint32_t *ndesc,
+                        uint32_t first, uint32_t count, const uint32_t *used_lens)
+{
+    uint64_t pages = 0;
+    if (!log || !log_size)
+        return 0;
+    for (uint32_t k = 0; k < count; k++) {
+        uint32_t i = first + k;
+        uint64_t left = used_lens[k];
+        uint64_t end = (uint64_t)desc_start[i] + ndesc[i];
+        for (uint64_t j = (uint64_t)desc_start[i] + nread[i]; j < end && left; j++) {
+            uint64_t n = lens[j] < left ? lens[j] : left;
+            if (!n)
+                continue;
+            vu_log_mark(log, log_size, addrs[j], n);
+            pages += ((addrs[j] + (n - 1)) >> LOG_PAGE_SHIFT) - (addrs[j] >> LOG_PAGE_SHIFT) + 1;
+            left -= n;
+        }
+    }
+    return pages;
+}
+
 /* Log [base+off, base+off+len) if ring logging is on.  base + off beyond 2**64
    is a page far beyond any bitmap: ignored (Python computes it unbounded). */
 static inline void qlog(const struct vu_queue *q, uint64_t base, uint64_t off, uint64_t len)

@@ -114,6 +114,13 @@ int64_t vu_scatter(const struct vu_mem_table *mem, const uint64_t *addrs, const 
 /* Mark the pages of [gpa, gpa+len) in a dirty bitmap of log_size bytes (atomic OR;
    pages beyond the bitmap are ignored). */
 void vu_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len);
+/* For chains first..first+count-1 of a popped batch (its per-descriptor addrs/lens
+   and per-chain desc_start/nread/ndesc arrays): mark the pages of the first
+   used_lens[k] bytes of chain first+k's device-writable buffers (what add_used
+   reports written).  Returns the pages marked. */
+uint64_t vu_log_written(uint8_t *log, uint64_t log_size, const uint64_t *addrs, const uint32_t *lens,
+                        const uint32_t *desc_start, const uint32_t *nread, const uint32_t *ndesc,
+                        uint32_t first, uint32_t count, const uint32_t *used_lens);
 
 /* Host address of [gpa, gpa+len) if it lies inside ONE region, else NULL. */
 uint8_t *vu_mem_region_ptr(const struct vu_mem_table *mem, uint64_t gpa, uint64_t len);

@@ -605,6 +605,15 @@ class MockFrontend:
         else:
             fe.set_mem_table(self.ram.payloads(), self.ram.fds())
 
+    def drop_inflight_area(self) -> None:
+        """Forget the inflight area: the next :meth:`start` asks the back-end for a
+        new (zeroed) one, as the QEMU on a live-migration destination does while
+        the rings continue from the source's bases."""
+        if self._inflight_fd is not None:
+            os.close(self._inflight_fd)
+        self._inflight_fd = None
+        self.inflight = None
+
     def _set_inflight(self) -> None:
         fe = self.frontend
         if self._inflight_fd is None:

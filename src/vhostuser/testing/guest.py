@@ -72,6 +72,8 @@ __all__ = [
     "fetch_kernel",
     "resolve_modules",
     "build_initramfs",
+    "prepare_boot",
+    "build_static_program",
     "qemu_command",
     "start_guest",
     "run_guest",
@@ -962,11 +964,13 @@ class GuestProcess:
             console=console, output=output, stderr=self.stderr,
         )
 
-    def wait(self, timeout: float | None = None) -> GuestResult:
+    def wait(self, timeout: float | None = None, *, earlier_output: str = "") -> GuestResult:
         """Wait for the guest to power off and return its :class:`GuestResult`.
 
         ``timeout`` (seconds from now) may shorten the guest's overall deadline.
         On expiry QEMU is killed and :class:`GuestTimeout` raised.
+        ``earlier_output``: what the result channel carried on the QEMUs this
+        guest was live-migrated from (the start of the script's output is there).
         """
         if self._done is not None:
             return self._done
@@ -977,7 +981,7 @@ class GuestProcess:
             self._timeout("the guest did not power off")
         duration = time.monotonic() - self._start
         self._reader.join(5)
-        raw, console, stderr = self.raw_output, self.console, self.stderr
+        raw, console, stderr = earlier_output + self.raw_output, self.console, self.stderr
         output, status, start, failed = _parse_result(raw)
         if failed is not None:
             raise GuestBootError(
@@ -1025,6 +1029,58 @@ class GuestProcess:
         self.close()
 
 
+def prepare_boot(
+    script: str,
+    *,
+    devices: Sequence[VhostUserDevice | str] = (),
+    modules: Sequence[str] = (),
+    extra_files: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+    kernel: Kernel | None = None,
+) -> tuple[Kernel, Path]:
+    """The kernel and the initramfs (cached) that boot ``script`` with the guest
+    modules ``devices`` need plus ``modules``; what :func:`start_guest` boots.
+
+    Several QEMUs booted from the same pair run the same guest, which is what a
+    live migration needs (see :mod:`vhostuser.testing.migration`).
+    """
+    check_prerequisites()
+    kernel = kernel or fetch_kernel()
+    wanted: list[str] = []
+    for dev in devices:
+        driver = dev.driver if isinstance(dev, VhostUserDevice) else _device_driver(dev)
+        wanted += DEVICE_MODULES.get(driver, ())
+    wanted += modules
+    return kernel, build_initramfs(script, list(dict.fromkeys(wanted)), extra_files, kernel=kernel)
+
+
+def build_static_program(source: Path, *, flags: Sequence[str] = ("-O2", "-Wall", "-pthread")) -> Path:
+    """Compile a C program for the guest with ``gcc -static`` (busybox has no
+    compiler and the guest no libc) into ``<cache>/bin``, once per source and
+    flags; returns the binary.  Ship it with ``extra_files``.
+
+    Raises :class:`GuestPrerequisiteError` without gcc / static glibc (Debian
+    packages gcc, libc6-dev).
+    """
+    data = source.read_bytes()
+    digest = hashlib.sha256(data + repr(tuple(flags)).encode()).hexdigest()[:16]
+    out = cache_dir() / "bin" / f"{source.stem}-{digest}"
+    if out.exists():
+        return out
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise GuestPrerequisiteError("gcc is missing: install the Debian packages gcc and libc6-dev (static glibc)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    done = subprocess.run([gcc, "-static", *flags, "-o", str(tmp), str(source)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise GuestPrerequisiteError(
+            f"building {source.name} failed (static glibc is in the Debian package libc6-dev):\n{done.stderr}")
+    os.replace(tmp, out)
+    return out
+
+
 def start_guest(
     script: str,
     *,
@@ -1048,14 +1104,8 @@ def start_guest(
     afterwards) receives the console log and QEMU's stderr; by default a
     temporary directory is used and removed.
     """
-    check_prerequisites()
-    kernel = kernel or fetch_kernel()
-    wanted: list[str] = []
-    for dev in devices:
-        driver = dev.driver if isinstance(dev, VhostUserDevice) else _device_driver(dev)
-        wanted += DEVICE_MODULES.get(driver, ())
-    wanted += modules
-    initramfs = build_initramfs(script, list(dict.fromkeys(wanted)), extra_files, kernel=kernel)
+    kernel, initramfs = prepare_boot(script, devices=devices, modules=modules, extra_files=extra_files,
+                                     kernel=kernel)
     keep = workdir is not None
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="vhostuser-guest-"))

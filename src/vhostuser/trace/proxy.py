@@ -18,10 +18,12 @@ import errno
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import MessageFramingError, RemoteProtocolError
 from ..protocol.codec import EOF, NEED_DATA, Decoder, Header, Message, close_fds
@@ -30,6 +32,7 @@ from ..protocol.payloads import U64
 from ..protocol.requests import Reply
 from ..sys_util import MAX_FDS, FdInfo, Poller, describe_fd, recv_with_fds, send_with_fds
 from .events import TraceEvent, feature_names, flag_names, payload_fields, protocol_feature_names
+from .rings import RingView
 from .rules import Finding, SpecChecker
 from .session import Pending, SessionState
 
@@ -42,6 +45,7 @@ _MAX_FRAME = 1 << 20
 _RECV_SIZE = 65536
 _FEATURE_REQS = {FrontendReq.GET_FEATURES, FrontendReq.SET_FEATURES}
 _PROTOCOL_REQS = {FrontendReq.GET_PROTOCOL_FEATURES, FrontendReq.SET_PROTOCOL_FEATURES}
+_NOTIFY_REQS = {FrontendReq.SET_VRING_KICK, FrontendReq.SET_VRING_CALL}
 
 
 @dataclass
@@ -58,6 +62,12 @@ class TraceOptions:
     max_sessions: int | None = None
     #: map the guest memory the front-end shares (needed by the ring checks)
     map_memory: bool = False
+    #: interpose kick/call fds and report ring activity (:mod:`.rings`)
+    rings: bool = False
+    #: answer the first REPLY_ACK of one of these front-end requests (e.g.
+    #: ``("SET_MEM_TABLE", "ADD_MEM_REG")``) with a failure in the back-end's stead,
+    #: to see how the front-end handles a NACK
+    nack: tuple[str, ...] = ()
 
 
 @dataclass
@@ -153,6 +163,7 @@ class _Session:
     directions: list[_Direction] = field(default_factory=list)
     channel_socks: list[socket.socket] = field(default_factory=list)
     closed: bool = False
+    rings: RingView | None = None
 
 
 class TraceProxy:
@@ -185,6 +196,8 @@ class TraceProxy:
         self.error_findings = 0
         #: every finding so far
         self.findings: list[Finding] = []
+        #: (session, seq, request name) of the reply the tracer turned into a NACK (``nack`` option)
+        self.injected_nack: tuple[int, int, str] | None = None
         self._checker = SpecChecker(self._on_finding) if self.options.check else None
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -315,7 +328,7 @@ class TraceProxy:
             return
         number = len(self.sessions) + 1
         state = SessionState(number, time.monotonic(), device=self.options.device,
-                             map_memory=self.options.map_memory or self.options.check)
+                             map_memory=self.options.map_memory or self.options.check or self.options.rings)
         self.sessions.append(state)
         self._emit(TraceEvent("connect", text="front-end connected"), state)
         try:
@@ -328,6 +341,8 @@ class TraceProxy:
             return
         self._emit(TraceEvent("connect", text="connected to the back-end"), state)
         s = _Session(state, front, back)
+        if self.options.rings:
+            s.rings = RingView(state, lambda ev: self._emit(ev, state), self._register, self._unregister)
         self._active[number] = s
         self._add_direction(s, "main", "F->B", front, back, Decoder(FrontendReq))
         self._add_direction(s, "main", "B->F", back, front, Decoder(FrontendReq, replies=True))
@@ -388,6 +403,9 @@ class TraceProxy:
             d.close()
         for sock in (s.front, s.back, *s.channel_socks):
             sock.close()
+        if s.rings is not None:
+            st.ring_notifications = s.rings.stats()
+            s.rings.close()
         st.ended = time.monotonic()
         if self._checker is not None:
             self._checker.end(st)
@@ -423,10 +441,11 @@ class TraceProxy:
             ev.request = _request_name(d.decoder, header.request)
         msg = self._decode(d, raw, fds, ev) if header is not None and not d.raw else None
         forward = fds
-        substitute: list[socket.socket] = []
+        substitute: list[Any] = []
         try:
             if msg is not None:
                 forward = self._observe(d, msg, ev, info, fds, substitute)
+                raw = self._maybe_nack(d, msg, raw, ev)
             self._send(d.dst, raw, forward)
         finally:
             close_fds(fds)
@@ -462,7 +481,7 @@ class TraceProxy:
             self._checker.decode_error(st, who, text, self._seq + 1)
 
     def _observe(self, d: _Direction, msg: Message, ev: TraceEvent, info: list[FdInfo], fds: list[int],
-                 substitute: list[socket.socket]) -> list[int]:
+                 substitute: list[Any]) -> list[int]:
         """Record a decoded message; returns the fds to forward."""
         s = d.session
         st = s.state
@@ -479,6 +498,10 @@ class TraceProxy:
                 st.apply_request(msg, now, info)
                 if msg.request is FrontendReq.SET_BACKEND_REQ_FD and len(fds) == 1:
                     forward = self._interpose_channel(s, fds[0], substitute)
+                elif s.rings is not None and msg.request in _NOTIFY_REQS and len(fds) == 1 \
+                        and isinstance(msg.payload, U64):
+                    forward = self._interpose_notifier(s.rings, msg.request, msg.payload.value & 0xFF, fds[0],
+                                                       substitute)
             else:
                 st.counts[f"backend:{msg.request.name}"] += 1
             may, must = st.expects_reply(msg)
@@ -501,7 +524,7 @@ class TraceProxy:
             st.nacks.append(f"backend:{msg.request.name}={msg.payload.value:#x}")  # type: ignore[attr-defined]
         return forward
 
-    def _interpose_channel(self, s: _Session, front_chan_fd: int, substitute: list[socket.socket]) -> list[int]:
+    def _interpose_channel(self, s: _Session, front_chan_fd: int, substitute: list[Any]) -> list[int]:
         """Relay the back-end channel: the back-end gets our socketpair end instead of the front-end's socket."""
         for sock in s.channel_socks:
             sock.close()
@@ -516,6 +539,33 @@ class TraceProxy:
         self._add_direction(s, "backend", "B->F", ours, fe, Decoder(BackendReq))
         self._add_direction(s, "backend", "F->B", fe, ours, Decoder(BackendReq, replies=True))
         return [theirs.fileno()]
+
+    def _maybe_nack(self, d: _Direction, msg: Message, raw: bytes, ev: TraceEvent) -> bytes:
+        """The ``nack`` option: turn the first success ack of that request into a failure."""
+        if (not self.options.nack or self.injected_nack is not None or d.channel != "main"
+                or not msg.is_reply or msg.request.name not in self.options.nack
+                or msg.spec.reply is not Reply.ACK or len(raw) != HEADER_SIZE + 8):
+            return raw
+        self.injected_nack = (d.session.state.number, self._seq + 1, msg.request.name)
+        ev.nack = True
+        ev.text = "the tracer answers this request with a failure (--nack)"
+        ev.payload = {"value": 1}
+        return raw[:HEADER_SIZE] + struct.pack("<Q", 1)
+
+    @staticmethod
+    def _interpose_notifier(rings: RingView, request: FrontendReq | BackendReq, index: int, front_fd: int,
+                            substitute: list[Any]) -> list[int]:
+        """``--rings``: the back-end gets the proxy's notifier fd for this vring's kick/call."""
+        try:
+            if request is FrontendReq.SET_VRING_KICK:
+                ours: Any = rings.interpose_kick(index, front_fd)
+            else:
+                ours = rings.interpose_call(index, front_fd)
+        except OSError as exc:
+            log.warning("cannot interpose vring %d's %s fd (%s): relayed as is", index, request.name, exc)
+            return [front_fd]
+        substitute.append(ours)  # closed once sent: the back-end has its own copy
+        return [ours.fileno()]
 
     @staticmethod
     def _send(sock: socket.socket, raw: bytes, fds: list[int]) -> None:

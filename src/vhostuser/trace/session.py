@@ -96,6 +96,8 @@ class SessionState:
     pending: dict[str, list[Pending]] = field(default_factory=lambda: {"main": [], "backend": []})
     backend_channel: bool = False
     ended: float | None = None
+    #: ``--rings``: kicks and calls relayed
+    ring_notifications: dict[str, float] | None = None
 
     # ---------------------------------------------------------- negotiation
     def protocol_acked(self, bit: PF) -> bool:
@@ -261,4 +263,6 @@ class SessionState:
             d["first_ring_start_s"] = round(self.first_ring_start - self.t_connect, 6)
         if self.ended is not None:
             d["duration_s"] = round(self.ended - self.t_connect, 6)
+        if self.ring_notifications is not None:
+            d["ring_notifications"] = dict(self.ring_notifications)
         return d

@@ -87,6 +87,7 @@ _lib_setnotif = lib.vu_safe_queue_set_notification
 _lib_pending = lib.vu_safe_queue_avail_pending
 _lib_gather = lib.vu_safe_gather
 _lib_scatter = lib.vu_safe_scatter
+_lib_log_written = lib.vu_safe_log_written
 _GUEST_FAULT = -ErrorCode.GUEST_FAULT
 _fault = ffi.new("uint64_t *")  # the faulting address of a gather/scatter (GIL-protected)
 
@@ -359,6 +360,24 @@ def configure(st: QueueState, mem: GuestMemory) -> int:
         st._driver_mv = _pycore._region_view(mem, q.driver_gpa, lens[1])
         st._device_mv = _pycore._region_view(mem, q.device_gpa, lens[2])
     return rc  # type: ignore[no-any-return]
+
+
+def log_written(log: Any, batch: ChainBatch, first: int, count: int, lens: Any) -> None:
+    """Dirty-log what ``add_used`` reports written (see _pycore.log_written): one
+    C call for the whole run of chains, atomic ORs, under the log's lock."""
+    cptr = log._cptr
+    if cptr is None:
+        _pycore.log_written(log, batch, first, count, lens)  # type: ignore[arg-type]  # same attributes
+        return
+    used = ffi.from_buffer("uint32_t[]", lens) if type(lens) is _array else ffi.new("uint32_t[]", list(lens))
+    with log._lock:
+        if log._closed:
+            return
+        got = _lib_log_written(cptr, log.size, batch.addr, batch.len, batch.desc_start, batch.nread,
+                               batch.ndesc, first, count, used, _fault)
+        if got < 0:
+            raise _faulted()
+        log.pages_marked += got
 
 
 def pop_batch(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBatch) -> int:

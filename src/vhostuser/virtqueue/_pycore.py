@@ -602,6 +602,23 @@ def set_notification(st: QueueState, mem: GuestMemory, enable: int) -> int:
 
 
 # ------------------------------------------------------------------ copy helpers
+def log_written(log: Any, batch: ChainBatch, first: int, count: int, lens: Any) -> None:
+    """Dirty-log what ``add_used`` reports written: for chains ``first`` ..
+    ``first + count - 1`` of ``batch``, the first ``lens[k]`` bytes of chain
+    ``first + k``'s device-writable buffers are marked in ``log`` (a DirtyLog)."""
+    addrs, blens, starts, nread, ndesc = batch.addr, batch.len, batch.desc_start, batch.nread, batch.ndesc
+    for k in range(count):
+        i = first + k
+        left = lens[k]
+        s = starts[i]
+        for j in range(s + nread[i], s + ndesc[i]):
+            if left <= 0:
+                break
+            n = blens[j] if blens[j] < left else left
+            log.mark(addrs[j], n)
+            left -= n
+
+
 def gather(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, skip: int, n: int) -> bytes:
     """Copy ``n`` bytes out of the buffers ``addrs[start:start+count]`` /
     ``lens[...]``, after skipping ``skip`` bytes of them.  Short if they end."""

@@ -2,6 +2,8 @@
 cursors over its device-readable and device-writable buffers."""
 from __future__ import annotations
 
+import logging
+import os
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -9,6 +11,18 @@ from typing import Any
 from ..errors import ChainTooShort
 from ..memory import GuestMemory
 from ._core import get_core
+
+log = logging.getLogger(__name__)
+
+#: Test-only negative control of the live-migration tests (docs/migration.md):
+#: ``VHOSTUSER_TEST_SKIP_DATA_LOG=1`` makes the back-end NOT mark the buffers it
+#: writes in the dirty log (the rings are still logged), so a migrated guest gets
+#: stale data pages.  Read once, at import.  Never set it outside that test.
+SKIP_DATA_LOG_ENV = "VHOSTUSER_TEST_SKIP_DATA_LOG"
+_SKIP_DATA_LOG = os.environ.get(SKIP_DATA_LOG_ENV, "") == "1"
+if _SKIP_DATA_LOG:
+    log.warning("%s=1: written buffers are NOT dirty-logged (test-only negative control; "
+                "live migration will corrupt guests)", SKIP_DATA_LOG_ENV)
 
 __all__ = ["DescriptorChain", "Reader", "Writer"]
 
@@ -399,6 +413,8 @@ class DescriptorChain:
 
     def _mark_written(self, log: Any, length: int) -> None:
         """Mark the first ``length`` writable bytes dirty in ``log``."""
+        if _SKIP_DATA_LOG:
+            return
         b, i = self._b, self._i
         s, addrs, lens = b.desc_start[i], b.addr, b.len
         for j in range(s + b.nread[i], s + b.ndesc[i]):

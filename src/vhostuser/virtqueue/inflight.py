@@ -165,6 +165,9 @@ class PackedInflight:
         self.size = queue_size
         hdr = _PACKED_HDR.unpack_from(view, 0)
         version, desc_num = hdr[1], hdr[2]
+        #: a new area (version 0): it knows nothing of the ring, whose position
+        #: comes from SET_VRING_BASE (see :meth:`start_at`)
+        self.fresh = version == 0
         if version == 0:
             view[: queue_region_size(queue_size, True)] = bytes(queue_region_size(queue_size, True))
             _PACKED_HDR.pack_into(view, 0, 0, INFLIGHT_VERSION, queue_size, 0, 0, 0, 0, 1, 1)
@@ -188,6 +191,15 @@ class PackedInflight:
 
     def _header(self) -> list[int]:
         return list(_PACKED_HDR.unpack_from(self.view, 0))
+
+    def start_at(self, used_idx: int, used_wrap: int) -> None:
+        """A new area for a ring that does not start at 0: record the used
+        position SET_VRING_BASE gave (a live-migration destination, where the
+        front-end's area is new but the ring is not)."""
+        h = self._header()
+        h[5] = h[6] = used_idx
+        h[7] = h[8] = used_wrap
+        self._put_header(h)
 
     def _put_header(self, h: list[int]) -> None:
         _PACKED_HDR.pack_into(self.view, 0, *h)

@@ -12,7 +12,7 @@ from ..errors import QueueBroken, QueueError, QueueUsageError
 from ..memory import DirtyLog, GuestMemory
 from ._core import get_core
 from .inflight import _RING_DESC, PackedInflight, RingDescriptor, SplitInflight, rebuild_chain
-from .chain import DescriptorChain
+from .chain import _SKIP_DATA_LOG, DescriptorChain
 from .defs import MAX_QUEUE_SIZE, Layout
 from .errcodes import BREAKS_QUEUE, ErrorCode, make_error
 
@@ -473,14 +473,13 @@ class Queue:
         handed to the core straight from the batch's arrays.  Returns False,
         having done nothing, for anything else (the general path then does the
         work, and raises for misuse exactly as it always did)."""
-        cs: Any
         lens: Any
         try:
             if len(entries) == 1:
                 ((c0, ln),) = entries
                 if type(ln) is not int or not 0 <= ln <= 0xFFFFFFFF or not isinstance(c0, DescriptorChain):
                     return False
-                cs, lens, n = (c0,), (ln,), 1
+                lens, n = (ln,), 1
             else:
                 c0 = entries[0][0]
                 if not isinstance(c0, DescriptorChain):
@@ -494,7 +493,6 @@ class Queue:
                 # every len an int in 0..2**32-1 (else OverflowError/TypeError), as
                 # a flat u32 array that the C core takes as it is
                 lens = _u32s([ln for _, ln in entries])
-                cs = None
         except Exception:  # noqa: BLE001 - not (chain, len) pairs: the general path raises
             return False
         b = c0._b
@@ -505,11 +503,8 @@ class Queue:
             dlog = mem.dirty_log
         st = self._st
         st.log = dlog
-        if dlog is not None:
-            if cs is None:
-                cs = [c for c, _ in entries]
-            for c, ln in zip(cs, lens):
-                c._mark_written(dlog, ln)
+        if dlog is not None and not _SKIP_DATA_LOG:
+            self._core.log_written(dlog, b, i0, n, lens)
         if mem is None:
             raise QueueError("virtqueue has no guest memory")
         if i0 == 0:
@@ -548,6 +543,13 @@ class Queue:
             slots = len(pending)
             self.set_next_avail((used_idx + slots) & 0xFFFF)
             st.next_used = used_idx
+        elif tracker.fresh:
+            # A new area (no back-end ran before it): nothing to resubmit, and the
+            # ring position is SET_VRING_BASE's - e.g. 0x80008000 at boot, the
+            # source's position on a migration destination.  Record it.
+            tracker.start_at(int(st.next_used), int(st.used_wrap))
+            pending = []
+            slots = 0
         else:
             desc = int(self.desc_table)
             pending = tracker.recover(lambda i: mem.read_u16(desc + 16 * i + 14))
