@@ -34,6 +34,7 @@ from .connection import Endpoint, Listener
 from .errors import Disconnected, ProtocolError
 from .handler import BackendConnection
 from .sys_util.poll import Poller
+from .sys_util.sockstate import is_listening
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class VhostUserDaemon:
     def start_fd(self, fd: int) -> None:
         """Serve an inherited socket: listening (many front-ends) or connected (one)."""
         sock = socket.socket(fileno=fd)
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        listening = is_listening(sock)
         sock.detach()
         if listening:
             self._start(self._serve_listener, Listener.from_fd(fd))

@@ -29,7 +29,6 @@ the next begins); anything touching a hole raises
 from __future__ import annotations
 
 import bisect
-import ctypes
 import logging
 import mmap
 import os
@@ -40,6 +39,7 @@ from typing import Any, Protocol
 
 from . import _impl, memory_guard
 from .errors import GuestAddressError, GuestMemoryError
+from .sys_util.shm import buffer_address, map_fd
 
 __all__ = [
     "MAX_MEM_SLOTS",
@@ -83,15 +83,6 @@ def _check_range(addr: int, length: int, what: str = "guest address") -> None:
         raise GuestAddressError(
             f"{what} range {addr:#x}+{length:#x} is outside the 64-bit address space", addr=addr, length=length
         )
-
-
-def _buffer_address(obj: Any) -> int:
-    """The host address of the first byte of a writable buffer (mmap, bytearray...)."""
-    c = ctypes.c_char.from_buffer(obj)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c  # drop the buffer export at once so the mmap can be closed later
 
 
 def _unmap(view: memoryview, mapping: mmap.mmap | None, what: str) -> None:
@@ -160,7 +151,7 @@ class MemoryRegion:
         self.mmap_offset = mmap_offset
         self._mmap = backing
         self._view = view
-        self.host_addr = _buffer_address(view) if host_addr is None else host_addr
+        self.host_addr = buffer_address(view) if host_addr is None else host_addr
         self.fd = fd
         self._refs = 0
         self._lock = threading.Lock()
@@ -192,24 +183,20 @@ class MemoryRegion:
                 raise GuestMemoryError(
                     f"invalid memory region gpa={guest_phys_addr:#x} size={memory_size:#x} offset={mmap_offset:#x}"
                 )
-            gran = mmap.ALLOCATIONGRANULARITY
-            base = mmap_offset - mmap_offset % gran
-            delta = mmap_offset - base
             try:
-                mm = mmap.mmap(fd, memory_size + delta, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+                mapped = map_fd(fd, memory_size, mmap_offset)
             except (OSError, ValueError, OverflowError) as exc:
                 raise GuestMemoryError(
                     f"cannot map memory region gpa={guest_phys_addr:#x} size={memory_size:#x} "
                     f"offset={mmap_offset:#x}: {exc}"
                 ) from exc
-            view = memoryview(mm)[delta : delta + memory_size]
             region = cls(
-                view,
+                mapped.buf,
                 guest_phys_addr,
                 userspace_addr,
                 mmap_offset=mmap_offset,
-                backing=mm,
-                host_addr=_buffer_address(mm) + delta,
+                backing=mapped.mmap,
+                host_addr=mapped.address,
                 fd=fd if keep_fd else None,
             )
             try:
@@ -681,7 +668,7 @@ class DirtyLog:
         self._mmap = backing
         self.fd = fd
         self.size = self._view.nbytes
-        self.host_addr = _buffer_address(self._view) if self.size else 0
+        self.host_addr = buffer_address(self._view) if self.size else 0
         self._lock = threading.Lock()
         self._warned = False
         self._closed = False
@@ -703,14 +690,11 @@ class DirtyLog:
         try:
             if size <= 0 or offset < 0:
                 raise GuestMemoryError(f"invalid dirty log size={size:#x} offset={offset:#x}")
-            gran = mmap.ALLOCATIONGRANULARITY
-            base = offset - offset % gran
-            delta = offset - base
             try:
-                mm = mmap.mmap(fd, size + delta, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+                mapped = map_fd(fd, size, offset)
             except (OSError, ValueError, OverflowError) as exc:
                 raise GuestMemoryError(f"cannot map the dirty log: {exc}") from exc
-            dl = cls(memoryview(mm)[delta : delta + size], backing=mm, fd=fd if keep_fd else None)
+            dl = cls(mapped.buf, backing=mapped.mmap, fd=fd if keep_fd else None)
             try:
                 dl._guarded = memory_guard.protect(fd, offset, size, dl.host_addr, "dirty log")
             except BaseException:
