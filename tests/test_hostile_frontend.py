@@ -188,3 +188,17 @@ def test_replacing_the_backend_channel_does_not_fail_a_ring_mid_vring_call(serve
         vring = serve_backend.daemon_of(backend).handler.vrings[0]
         with vring.lock:
             assert vring.failed is None, vring.failed
+
+
+def test_failing_a_ring_whose_err_pipe_reader_is_gone_does_not_kill_the_worker() -> None:
+    """Pipe notifiers (macOS/BSD): writing to a pipe whose reader closed raises
+    EPIPE; failing the ring must still not raise (it killed the worker thread)."""
+    from vhostuser.sys_util.event import new_event_consumer_and_notifier
+
+    consumer, notifier = new_event_consumer_and_notifier("pipe")
+    consumer.close()  # the front-end went away
+    vring = VringState(0, 16, threading.RLock())
+    vring.err = notifier
+    vring.fail(RuntimeError("hostile ring"))  # logged, not raised
+    assert isinstance(vring.failed, RuntimeError)
+    notifier.close()
