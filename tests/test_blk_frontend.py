@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,21 @@ def test_blk_command_argument_errors(tmp_path: Path, image_path: Path) -> None:
     assert out.returncode == 1 and "cannot open" in out.stderr
     out = run("--socket-path", str(tmp_path / "s"), "--blk-file", str(image_path), "--serial", "x" * 21)
     assert out.returncode == 1 and "serial" in out.stderr
+
+
+def test_batch_path_reports_io_errors(no_fd_leak, serve_backend, image_path: Path) -> None:
+    """A read the ring core's preadv cannot complete (the image shrank under the
+    device) gets IOERR; its neighbours in the batch are served."""
+    backend = BlkBackend(image_path)
+    path = serve_backend(backend)
+    with MockFrontend.connect(path, QEMU_BLK.replace(event_idx=True)) as fe:
+        fe.transfer(0, [([hdr(T.OUT, 0), blob(4096, 1)], [1])])
+        os.truncate(image_path, IMAGE_SIZE // 2)
+        used = fe.transfer(0, [([hdr(T.IN, 0)], [4096, 1]), ([hdr(T.IN, SECTORS - 8)], [4096, 1])])
+        assert used[0].data == blob(4096, 1) + b"\x00"
+        assert used[1].data[-1:] == bytes([Status.IOERR])
+        deadline = time.monotonic() + 10  # the worker counts the error after publishing
+        while backend.engine.stats.errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.engine.stats.errors == 1
+        assert backend.engine.stats.reads == 1 and backend.engine.stats.writes == 1

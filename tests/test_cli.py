@@ -20,6 +20,8 @@ DEVICES = [name for name, (module, _) in SUBCOMMANDS.items() if module.startswit
 #: QEMU's VHostUserBackendType names
 SCHEMA_TYPES = {"9p", "balloon", "block", "caif", "console", "crypto", "gpu", "input", "net", "rng",
                 "rpmsg", "rproc-serial", "scsi", "vsock", "fs"}
+#: device types QEMU's schema does not name yet (no QEMU front-end): the virtio spec's device name
+UNLISTED_TYPES = {"can", "spi", "scmi", "sound"}
 
 
 def vhostuser(*args: str, **kw) -> subprocess.CompletedProcess[str]:  # noqa: ANN003
@@ -49,7 +51,7 @@ def test_print_capabilities_matches_the_discovery_json(device: str) -> None:
     caps = json.loads(out.stdout)
     descriptor = json.loads(resources.files("vhostuser.devices").joinpath(f"{device}.json").read_text())
     assert caps["type"] == descriptor["type"]
-    assert descriptor["type"] in SCHEMA_TYPES
+    assert descriptor["type"] in SCHEMA_TYPES | UNLISTED_TYPES
     assert os.path.isabs(descriptor["binary"]) and descriptor["binary"].endswith(f"vhost-user-{device}")
     assert isinstance(caps.get("features", []), list)
 

@@ -185,10 +185,11 @@ def _compilers() -> list[str]:
     return out
 
 
+@pytest.mark.parametrize("source", ["ring.c", "chainio.c"])
 @pytest.mark.parametrize("cc", _compilers() or [pytest.param("cc", marks=pytest.mark.skip("no C compiler"))])
-def test_ring_c_compiles_warning_free(cc: str, tmp_path: Path) -> None:
+def test_ring_c_compiles_warning_free(cc: str, source: str, tmp_path: Path) -> None:
     cmd = [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-Wshadow", "-Wconversion",
-           "-Wno-sign-conversion", "-c", str(NATIVE_DIR / "ring.c"), "-I", str(NATIVE_DIR),
+           "-Wno-sign-conversion", "-c", str(NATIVE_DIR / source), "-I", str(NATIVE_DIR),
            "-o", str(tmp_path / "ring.o")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -24,6 +24,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
+    "sound": ("vhostuser.devices.sound", "virtio-sound back-end (null, WAV files, PulseAudio; runtime on/off per direction)"),
+    "input": ("vhostuser.devices.input", "virtio-input back-end (host evdev device or virtual keyboard/mouse/tablet)"),
+    "can": ("vhostuser.devices.can", "virtio-can back-end (virtual CAN bus between VMs, or host SocketCAN)"),
+    "spi": ("vhostuser.devices.spi", "virtio-spi back-end (host spidev, simulated loopback and EEPROM)"),
+    "scmi": ("vhostuser.devices.scmi", "virtio-scmi back-end (SCMI base and sensor protocols; fake, hwmon, IIO sensors)"),
 }
 
 
@@ -79,6 +84,26 @@ def vsock_main() -> int:
 
 def console_main() -> int:
     return _device_command("console")
+
+
+def can_main() -> int:
+    return _device_command("can")
+
+
+def spi_main() -> int:
+    return _device_command("spi")
+
+
+def scmi_main() -> int:
+    return _device_command("scmi")
+
+
+def input_main() -> int:
+    return _device_command("input")
+
+
+def sound_main() -> int:
+    return _device_command("sound")
 
 
 if __name__ == "__main__":

@@ -22,14 +22,18 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from array import array
+from typing import TYPE_CHECKING, Any
 
 from .errors import QueueError
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     from .backend_channel import BackendChannel
     from .memory import GuestMemory
     from .virtqueue import DescriptorChain, Queue
+    from .virtqueue.iobatch import IoBatch
     from .sys_util.event import EventConsumer, EventNotifier
 
 log = logging.getLogger(__name__)
@@ -202,6 +206,27 @@ class VringState:
 
     def needs_notification(self) -> bool:
         return self._running_queue().needs_notification()
+
+    def poll(self, ns: int) -> bool:
+        """Busy-poll up to ``ns`` nanoseconds for available buffers (:meth:`Queue.poll`)."""
+        return self._running_queue().poll(ns)
+
+    def pop_io_batch(self, max_chains: int, header_len: int) -> IoBatch | None:
+        """Up to ``max_chains`` chains with their headers (:meth:`Queue.pop_io_batch`)."""
+        return self._running_queue().pop_io_batch(max_chains, header_len)
+
+    def complete_io(self, iob: IoBatch, fd: int, ops: Any, offsets: Any, lens: Any, *, skip: int, tail: int = 1,
+                    ok: int = 0, err: int = 1, every: int = 0, helper: Executor | None = None) -> array:
+        """:meth:`Queue.complete_io`, notifying the driver through the call fd
+        after each published sub-batch that needs it (then once more if
+        anything is left to signal, e.g. in-band).  Returns the per-chain errnos."""
+        queue = self._running_queue()
+        call_fd = self.call.fileno() if self.call is not None else -1
+        errs = queue.complete_io(iob, fd, ops, offsets, lens, skip=skip, tail=tail, ok=ok, err=err, every=every,
+                                 call_fd=call_fd, helper=helper)
+        if call_fd < 0 or not queue.notifies_in_core:
+            self.signal_used_queue()
+        return errs
 
     def signal_used_queue(self) -> bool:
         """Notify the driver (call fd) if EVENT_IDX / suppression flags ask for it.

@@ -1,7 +1,7 @@
 """cffi out-of-line API-mode build script for ``vhostuser._native._ring``.
 
 The C code lives in real files beside this script: ``ring.h`` (the declarations
-cffi exposes, also used as the cdef) and ``ring.c`` (the implementation);
+cffi exposes, also used as the cdef) and ``ring.c`` + ``chainio.c`` (the implementation);
 ``guard.h``/``guard.c`` wrap the entry points in SIGBUS recovery points.  The C
 side holds no policy: functions return error codes, Python raises.
 
@@ -26,7 +26,7 @@ CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-fno-strict-aliasing"]
 
 #: the headers whose CDEF parts cffi parses, and the C files
 HEADERS = ("ring.h", "guard.h")
-SOURCES = ("ring.c", "guard.c")
+SOURCES = ("ring.c", "chainio.c", "guard.c")
 
 
 def _cdef_text() -> str:

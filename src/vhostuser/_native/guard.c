@@ -208,3 +208,26 @@ int64_t vu_safe_log_written(uint8_t *log, uint64_t log_size, const uint64_t *add
                (int64_t)vu_log_written(log, log_size, addrs, lens, desc_start, nread, ndesc, first, count,
                                        used_lens));
 }
+
+#define VU_MAYBE_QUEUE_FAULT do { if (q) VU_QUEUE_FAULT; } while (0)
+
+int vu_safe_chain_io(struct vu_queue *q, const struct vu_mem_table *mem, const struct vu_chain_batch *b,
+                     uint32_t first, uint32_t n, int fd, const uint8_t *ops, const uint64_t *offsets, uint32_t skip,
+                     uint32_t tail, uint8_t ok, uint8_t err, uint32_t *lens, int32_t *errs, uint32_t every,
+                     int call_fd)
+{
+    VU_GUARDED(int, VU_MAYBE_QUEUE_FAULT,
+               vu_chain_io(q, mem, b, first, n, fd, ops, offsets, skip, tail, ok, err, lens, errs, every,
+                           call_fd));
+}
+
+int vu_safe_chain_heads(const struct vu_mem_table *mem, const struct vu_chain_batch *b, uint32_t first, uint32_t n,
+                        uint32_t hlen, uint8_t *out, uint64_t *fault)
+{
+    VU_GUARDED(int, VU_OUT_FAULT, vu_chain_heads(mem, b, first, n, hlen, out));
+}
+
+int vu_safe_queue_poll(struct vu_queue *q, const struct vu_mem_table *mem, uint64_t ns)
+{
+    VU_GUARDED(int, VU_QUEUE_FAULT, vu_queue_poll(q, mem, ns));
+}

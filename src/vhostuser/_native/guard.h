@@ -46,6 +46,13 @@ int vu_safe_log_mark(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len
 int64_t vu_safe_log_written(uint8_t *log, uint64_t log_size, const uint64_t *addrs, const uint32_t *lens,
                             const uint32_t *desc_start, const uint32_t *nread, const uint32_t *ndesc,
                             uint32_t first, uint32_t count, const uint32_t *used_lens, uint64_t *fault);
+int vu_safe_chain_io(struct vu_queue *q, const struct vu_mem_table *mem, const struct vu_chain_batch *b,
+                     uint32_t first, uint32_t n, int fd, const uint8_t *ops, const uint64_t *offsets, uint32_t skip,
+                     uint32_t tail, uint8_t ok, uint8_t err, uint32_t *lens, int32_t *errs, uint32_t every,
+                     int call_fd);
+int vu_safe_chain_heads(const struct vu_mem_table *mem, const struct vu_chain_batch *b, uint32_t first, uint32_t n,
+                        uint32_t hlen, uint8_t *out, uint64_t *fault);
+int vu_safe_queue_poll(struct vu_queue *q, const struct vu_mem_table *mem, uint64_t ns);
 /* CDEF-END */
 
 #endif

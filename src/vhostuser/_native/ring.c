@@ -15,7 +15,7 @@
 
 #include "ring.h"
 
-#define VU_ABI_VERSION 3
+#define VU_ABI_VERSION 4
 
 /* error codes: virtqueue/errcodes.py (values are ABI) */
 enum {
@@ -163,6 +163,11 @@ static inline int64_t region_index(const struct vu_mem_table *m, uint64_t addr)
             hi = mid;
     }
     return (int64_t)lo - 1;
+}
+
+int64_t vu_mem_region_index(const struct vu_mem_table *m, uint64_t addr)
+{
+    return region_index(m, addr);
 }
 
 uint8_t *vu_mem_region_ptr(const struct vu_mem_table *m, uint64_t gpa, uint64_t len)

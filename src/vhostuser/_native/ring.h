@@ -126,6 +126,32 @@ uint64_t vu_log_written(uint8_t *log, uint64_t log_size, const uint64_t *addrs, 
 uint8_t *vu_mem_region_ptr(const struct vu_mem_table *mem, uint64_t gpa, uint64_t len);
 /* 1 if every byte of [gpa, gpa+len) is guest memory (adjacent regions allowed). */
 int vu_mem_in_memory(const struct vu_mem_table *mem, uint64_t gpa, uint64_t len);
+
+/* Batch I/O (chainio.c), for chains first..first+n-1 of a popped batch b.
+   vu_chain_io: per chain k, ops[k] 0 = nothing (lens[k] is the caller's),
+   1 = preadv at offsets[k] into the writable bytes [0, write_bytes - tail),
+   2 = pwritev of the readable bytes [skip, read_bytes) at offsets[k]; then the
+   chain's last writable byte (if tail) becomes `ok` or `err`, lens[k] = its
+   writable bytes and errs[k] = 0 or an errno (EINVAL: no room for the status,
+   nothing done, lens[k] = 0; EFAULT: a segment is not guest memory).
+   With q (else NULL): the first lens[k] writable bytes of each chain are marked
+   in q's dirty log and the used entries published every `every` chains (0: once),
+   each publish followed by an 8-byte write to call_fd (-1: none) when
+   vu_queue_needs_notification says so.  Returns the notifications sent, or
+   -ErrorCode from the publish (-1: first + n beyond the batch).
+   vu_chain_heads: the first hlen readable bytes of each chain into out[k*hlen]
+   (zero-filled when shorter).  0, or -1: first + n beyond the batch. */
+int vu_chain_io(struct vu_queue *q, const struct vu_mem_table *mem, const struct vu_chain_batch *b, uint32_t first,
+                uint32_t n, int fd, const uint8_t *ops, const uint64_t *offsets, uint32_t skip, uint32_t tail,
+                uint8_t ok, uint8_t err, uint32_t *lens, int32_t *errs, uint32_t every, int call_fd);
+int vu_chain_heads(const struct vu_mem_table *mem, const struct vu_chain_batch *b, uint32_t first, uint32_t n,
+                   uint32_t hlen, uint8_t *out);
+/* Busy-poll (adaptive polling) for up to ns: 1 when buffers are available,
+   0 when the window ended, or -ErrorCode (vu_queue_avail_pending's). */
+int vu_queue_poll(struct vu_queue *q, const struct vu_mem_table *mem, uint64_t ns);
 /* CDEF-END */
+
+/* Index of the last region with gpa <= addr, or -1 (shared by ring.c and chainio.c). */
+int64_t vu_mem_region_index(const struct vu_mem_table *mem, uint64_t addr);
 
 #endif

@@ -5,6 +5,8 @@
 * :class:`DescriptorChain` - one request: its readable and writable buffers.
 * :class:`Reader` / :class:`Writer` - byte streams across descriptor boundaries,
   with zero-copy memoryviews for ``os.preadv``/``os.pwritev``.
+* :class:`IoBatch` / :class:`IoOp` - batch file I/O between an fd and many
+  chains in one ring-core call (:meth:`Queue.pop_io_batch`, :meth:`Queue.complete_io`).
 * :mod:`vhostuser.virtqueue.driver` - the driver side, for tests and mock front-ends.
 
 The hot loop lives in a "ring core" (docs/ring-core.md): the C core
@@ -24,6 +26,7 @@ from .defs import (
     Layout,
 )
 from .errcodes import ErrorCode
+from .iobatch import IoBatch, IoOp
 from .queue import Queue
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "Writer",
     "Layout",
     "ErrorCode",
+    "IoBatch",
+    "IoOp",
     "MAX_QUEUE_SIZE",
     "VIRTQ_DESC_F_NEXT",
     "VIRTQ_DESC_F_WRITE",

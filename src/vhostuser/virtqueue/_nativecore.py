@@ -29,6 +29,7 @@ from ..errors import GuestMemoryError
 from ..memory import GuestMemory
 from . import _pycore
 from .defs import DESC_SIZE, Layout
+from ._pycore import IO_NONE, IO_READ, IO_WRITE, check_io_args
 from .errcodes import BREAKS_QUEUE, ErrorCode, make_error
 
 __all__ = [
@@ -44,6 +45,12 @@ __all__ = [
     "gather",
     "gather_into",
     "scatter",
+    "chain_io",
+    "chain_heads",
+    "poll",
+    "IO_NONE",
+    "IO_READ",
+    "IO_WRITE",
     "ffi",
     "lib",
 ]
@@ -88,6 +95,9 @@ _lib_pending = lib.vu_safe_queue_avail_pending
 _lib_gather = lib.vu_safe_gather
 _lib_scatter = lib.vu_safe_scatter
 _lib_log_written = lib.vu_safe_log_written
+_lib_chain_io = lib.vu_safe_chain_io
+_lib_chain_heads = lib.vu_safe_chain_heads
+_lib_poll = lib.vu_safe_queue_poll
 _GUEST_FAULT = -ErrorCode.GUEST_FAULT
 _fault = ffi.new("uint64_t *")  # the faulting address of a gather/scatter (GIL-protected)
 
@@ -317,7 +327,7 @@ class ChainBatch:
 
     __slots__ = (
         "count", "desc_cap", "head", "slots", "desc_start", "ndesc", "nread",
-        "read_bytes", "write_bytes", "addr", "len", "flags", "raw",
+        "read_bytes", "write_bytes", "addr", "len", "flags", "raw", "cb",
     )  # fmt: skip
 
     def __init__(self, desc_cap: int, *, raw: bool = False) -> None:
@@ -326,6 +336,8 @@ class ChainBatch:
         self.raw = raw
         self.head = self.slots = self.desc_start = self.ndesc = self.nread = ()
         self.read_bytes = self.write_bytes = self.addr = self.len = self.flags = ()
+        #: the ``struct vu_chain_batch *`` of the last pop (for chain_io / chain_heads)
+        self.cb: Any = None
 
 
 # --------------------------------------------------------------- functions
@@ -390,6 +402,7 @@ def pop_batch(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBat
     q = st._q
     # let go of what this batch held from its previous use, so it can be reused
     batch.addr = batch.len = batch.flags = ()
+    batch.cb = None
     if max_chains < 0:
         max_chains = 0
     elif max_chains > _U32_MAX:
@@ -418,6 +431,7 @@ def pop_batch(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBat
         batch.addr = blk.lease()
         batch.len = blk.len
         batch.flags = blk.flags
+        batch.cb = blk.cb
     elif n == 0 or -n in BREAKS_QUEUE:  # the walk failed (preamble errors leave the batch alone)
         batch.count = 0
     return n  # type: ignore[no-any-return]
@@ -564,3 +578,63 @@ def scatter(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, ski
     if got < 0:  # pieces before the bad one are written, as the reference does
         return _pycore.scatter(mem, addrs, lens, start, count, skip, data)
     return got  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------- batch I/O
+def chain_io(st: QueueState | None, mem: GuestMemory, batch: Any, first: int, n: int, fd: int, ops: Any,
+             offsets: Any, skip: int, tail: int, ok: int, err: int, lens: Any, errs: Any, every: int,
+             call_fd: int) -> int:
+    """Vectored file I/O for chains of one pop, status bytes and (with ``st``)
+    dirty log + used entries + notifications, in one C call without the GIL
+    (see _pycore.chain_io).  ``ops`` bytes-like of u8, ``offsets`` u64,
+    ``lens`` writable u32, ``errs`` writable i32 (``array.array`` 'B'/'Q'/'I'/'i')."""
+    if mem._closed:
+        raise _closed()
+    if type(batch) is not ChainBatch or batch.cb is None:  # e.g. a resubmitted chain's batch
+        if st is not None:
+            raise TypeError("chain_io publishes only chains of a native pop; pass st=None")
+        return _pycore.chain_io(None, mem, batch, first, n, fd, ops, offsets, skip, tail, ok, err, lens, errs,
+                                every, call_fd)
+    check_io_args(batch, first, n, ops, offsets, lens, errs)
+    if n == 0:
+        return 0
+    tbl = mem.native_table
+    if tbl is None:
+        tbl = mem_table(mem)
+    args = (batch.cb, first, n, fd, _from_buffer("uint8_t[]", ops), _from_buffer("uint64_t[]", offsets), skip, tail,
+            ok, err, _from_buffer("uint32_t[]", lens, True), _from_buffer("int32_t[]", errs, True),
+            max(every, 0), call_fd)
+    if st is None:
+        return _lib_chain_io(_NULL, tbl, *args)  # type: ignore[no-any-return]
+    q = st._q
+    lg = st._log
+    if lg is None or lg._closed:
+        if lg is not None:
+            q.log = _NULL
+        return _lib_chain_io(q, tbl, *args)  # type: ignore[no-any-return]
+    with lg._lock:  # C's atomic ORs never race Python's locked read-modify-write
+        return _lib_chain_io(q, tbl, *args)  # type: ignore[no-any-return]
+
+
+def chain_heads(mem: GuestMemory, batch: Any, first: int, n: int, hlen: int) -> tuple[bytes, list[int], list[int]]:
+    """The first ``hlen`` readable bytes of each chain, flat, with the chains'
+    readable / writable byte counts (see _pycore.chain_heads)."""
+    if mem._closed:
+        raise _closed()
+    if type(batch) is not ChainBatch or batch.cb is None:
+        return _pycore.chain_heads(mem, batch, first, n, hlen)
+    check_io_args(batch, first, n)
+    tbl = mem.native_table
+    if tbl is None:
+        tbl = mem_table(mem)
+    out = _new_raw("uint8_t[]", max(n * hlen, 1))
+    if _lib_chain_heads(tbl, batch.cb, first, n, hlen, out, _fault) == _GUEST_FAULT:
+        raise _faulted()
+    rb: Any = batch.read_bytes
+    wb: Any = batch.write_bytes
+    return _unpack(_cast("char *", out), n * hlen), _unpack(rb + first, n), _unpack(wb + first, n)
+
+
+def poll(st: QueueState, mem: GuestMemory, ns: int) -> int:
+    """Busy-poll for available buffers for up to ``ns`` ns without the GIL (see _pycore.poll)."""
+    return _lib_poll(st._q, _NULL, max(ns, 0))  # type: ignore[no-any-return]

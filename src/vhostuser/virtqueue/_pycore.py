@@ -10,10 +10,14 @@ step for step: the ORDER of checks below is part of the contract.
 from __future__ import annotations
 
 import bisect
+import errno
+import os
 import struct
 import threading
+import time
 from typing import Any
 
+from ..errors import GuestMemoryError
 from ..memory import GuestMemory
 from .defs import (
     DESC_SIZE,
@@ -46,6 +50,12 @@ __all__ = [
     "gather",
     "gather_into",
     "scatter",
+    "chain_io",
+    "chain_heads",
+    "poll",
+    "IO_NONE",
+    "IO_READ",
+    "IO_WRITE",
 ]
 
 NAME = "python"
@@ -311,6 +321,8 @@ def _indirect_table(st: QueueState, mem: GuestMemory, addr: int, ln: int) -> tup
 
 
 def _pop_split(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBatch) -> int:
+    # _emit / _begin_chain / _end_chain inlined: this loop is the Python core's
+    # hottest (same checks, same order, same errors)
     size = st.size
     avail = st.driver_mv
     desc = st.desc_mv
@@ -323,44 +335,74 @@ def _pop_split(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBa
     inflight = st.inflight
     n = 0
     unpack = _DESC.unpack_from
+    head_at = _U16.unpack_from
+    b_addr, b_len, b_flags = batch.addr, batch.len, batch.flags
+    cap = batch.desc_cap
+    starts, ends = mem._starts, mem._ends
+    bisect_right = bisect.bisect_right
     while n < max_chains and pending:
         if inflight + 1 > size:
             return _fail(st, E.INFLIGHT, inflight + 1, size)
-        head = _U16.unpack_from(avail, 4 + 2 * (na % size))[0]
+        head = head_at(avail, 4 + 2 * (na % size))[0]
         if head >= size:
             return _fail(st, E.HEAD_INDEX, head, size)
-        start = _begin_chain(batch)
-        state = [0, 0, 0, head]  # total bytes, seen_write, nread, head
+        start = len(b_addr)
+        total = seen_write = nread = rbytes = 0
         table, entries, in_indirect = desc, size, False
         idx, count = head, 0
-        try:
-            while True:
-                addr, ln, flags, nxt = unpack(table, idx * DESC_SIZE)
-                if flags & VIRTQ_DESC_F_INDIRECT:
-                    if in_indirect:
-                        return _fail(st, E.INDIRECT_NESTED, idx)
-                    if count or flags & VIRTQ_DESC_F_NEXT:
-                        return _fail(st, E.INDIRECT_CHAINED, idx)
-                    entries, view = _indirect_table(st, mem, addr, ln)
-                    if view is None:
-                        return entries
-                    table, in_indirect, idx = view, True, 0
-                    continue
-                count += 1
-                if count > entries:
-                    return _fail(st, E.CHAIN_TOO_LONG, head, entries)
-                rc = _emit(st, mem, batch, state, addr, ln, flags & VIRTQ_DESC_F_WRITE, idx)
-                if rc:
-                    return rc
-                if not flags & VIRTQ_DESC_F_NEXT:
-                    break
-                idx = nxt
-                if idx >= entries:
-                    return _fail(st, E.DESC_INDEX, idx, entries)
-        except _NoRoom:
+        full = False
+        while True:
+            addr, ln, flags, nxt = unpack(table, idx * DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect:
+                    return _fail(st, E.INDIRECT_NESTED, idx)
+                if count or flags & VIRTQ_DESC_F_NEXT:
+                    return _fail(st, E.INDIRECT_CHAINED, idx)
+                entries, view = _indirect_table(st, mem, addr, ln)
+                if view is None:
+                    return entries
+                table, in_indirect, idx = view, True, 0
+                continue
+            count += 1
+            if count > entries:
+                return _fail(st, E.CHAIN_TOO_LONG, head, entries)
+            if ln == 0:
+                return _fail(st, E.DESC_ZERO_LEN, addr)
+            i = bisect_right(starts, addr) - 1
+            if addr + ln > 1 << 64 or not (i >= 0 and addr + ln <= ends[i] or mem.check_range(addr, ln)):
+                return _fail(st, E.DESC_ADDRESS, addr, ln)
+            writable = flags & VIRTQ_DESC_F_WRITE
+            if writable:
+                seen_write = 1
+            elif seen_write:
+                return _fail(st, E.DESC_ORDER, idx)
+            else:
+                nread += 1
+                rbytes += ln
+            total += ln
+            if total > MAX_CHAIN_BYTES:
+                return _fail(st, E.CHAIN_TOO_BIG, head)
+            if len(b_addr) >= cap:
+                full = True
+                break
+            b_addr.append(addr)
+            b_len.append(ln)
+            b_flags.append(VIRTQ_DESC_F_WRITE if writable else 0)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            idx = nxt
+            if idx >= entries:
+                return _fail(st, E.DESC_INDEX, idx, entries)
+        if full:
             _rollback(batch, start)
             break
-        _end_chain(batch, head, 1, start, state)
+        batch.head.append(head)
+        batch.slots.append(1)
+        batch.desc_start.append(start)
+        batch.ndesc.append(len(b_addr) - start)
+        batch.nread.append(nread)
+        batch.read_bytes.append(rbytes)
+        batch.write_bytes.append(total - rbytes)
         na = (na + 1) & 0xFFFF
         pending -= 1
         inflight += 1
@@ -664,3 +706,192 @@ def scatter(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, ski
         pos += take
         skip = 0
     return pos
+
+
+# ------------------------------------------------------------------- batch I/O
+#: chain_io operations (``ops[k]``)
+IO_NONE = 0
+IO_READ = 1  # file -> the chain's writable bytes [0, write_bytes - tail)
+IO_WRITE = 2  # the chain's readable bytes [skip, read_bytes) -> file
+#: most pieces one chain's transfer may have (IOV_MAX on Linux)
+MAX_IOV = 1024
+_SIGNAL = struct.pack("=Q", 1)
+
+
+def check_io_args(batch: Any, first: int, n: int, *arrays: Any) -> None:
+    """Raise ValueError unless chains ``first..first+n-1`` are in ``batch`` and
+    every per-chain array has at least ``n`` entries (the C core trusts both)."""
+    if first < 0 or n < 0 or first + n > batch.count:
+        raise ValueError(f"chains [{first}, +{n}) are not in a batch of {batch.count}")
+    for a in arrays:
+        if len(a) < n:
+            raise ValueError(f"a per-chain array has {len(a)} entries, {n} needed")
+
+
+def _iov(mem: GuestMemory, batch: Any, d0: int, d1: int, skip: int, want: int) -> list[memoryview] | None:
+    """The views of ``want`` bytes of descriptors [d0, d1) after ``skip``, or None."""
+    out: list[memoryview] = []
+    addrs, lens = batch.addr, batch.len
+    for j in range(d0, d1):
+        if not want:
+            break
+        ln = lens[j]
+        if skip >= ln:
+            skip -= ln
+            continue
+        take = min(ln - skip, want)
+        view = _region_view(mem, addrs[j] + skip, take)  # the common case: one region
+        if view is not None:
+            out.append(view)
+        else:
+            try:
+                out += mem.get_slices(addrs[j] + skip, take)
+            except GuestMemoryError:
+                return None
+        if len(out) > MAX_IOV:
+            return None
+        skip = 0
+        want -= take
+    return None if want else out
+
+
+def _transfer(fd: int, write: bool, views: list[memoryview], off: int) -> int:
+    """pwritev/preadv all of ``views`` at ``off`` (short transfers retried): 0 or errno."""
+    while views:
+        try:
+            got = os.pwritev(fd, views, off) if write else os.preadv(fd, views, off)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        if got == 0:
+            return errno.EIO if write else errno.ENODATA
+        off += got
+        while views and got >= views[0].nbytes:
+            got -= views[0].nbytes
+            views = views[1:]
+        if views and got:
+            views[0] = views[0][got:]
+    return 0
+
+
+def _one_chain(mem: GuestMemory, b: Any, i: int, fd: int, op: int, off: int, skip: int, tail: int,
+               ok: int, err: int, lens: Any, k: int) -> int:
+    d0 = b.desc_start[i]
+    dw, d1 = d0 + b.nread[i], d0 + b.ndesc[i]
+    wbytes, rbytes = b.write_bytes[i], b.read_bytes[i]
+    status = None
+    for j in range(d1 - 1, dw - 1, -1):
+        if b.len[j]:
+            status = _region_view(mem, b.addr[j] + b.len[j] - 1, 1)
+            break
+    if wbytes < tail or wbytes > 0xFFFFFFFF or (tail and status is None):
+        lens[k] = 0
+        return errno.EINVAL
+    lens[k] = wbytes
+    if op == IO_READ:
+        views = _iov(mem, b, dw, d1, 0, wbytes - tail)
+    else:
+        views = None if rbytes < skip else _iov(mem, b, d0, dw, skip, rbytes - skip)
+    rc = errno.EFAULT if views is None else _transfer(fd, op == IO_WRITE, views, off)
+    if tail:
+        assert status is not None
+        status[0] = err if rc else ok
+    return rc
+
+
+def _publish(st: QueueState, mem: GuestMemory, b: Any, start: int, n: int, lens: Any, k0: int, call_fd: int) -> int:
+    """Log, add_used and maybe notify chains start..start+n-1 (lens from lens[k0]):
+    -code, or 1 if notified, else 0."""
+    ln = [lens[k0 + k] for k in range(n)]
+    dlog = st.log
+    if dlog is not None:
+        for k in range(n):
+            i = start + k
+            d0 = b.desc_start[i]
+            left = ln[k]
+            for j in range(d0 + b.nread[i], d0 + b.ndesc[i]):
+                if not left:
+                    break
+                take = min(b.len[j], left)
+                dlog.mark(b.addr[j], take)
+                left -= take
+    rc = add_used_batch(st, mem, list(b.head[start:start + n]), ln, list(b.slots[start:start + n]), n)
+    if rc < 0:
+        return rc
+    if call_fd >= 0 and needs_notification(st, mem) == 1:
+        try:
+            os.write(call_fd, _SIGNAL)
+        except BlockingIOError:
+            pass  # a signal is pending already
+        return 1
+    return 0
+
+
+def chain_io(st: QueueState | None, mem: GuestMemory, batch: ChainBatch, first: int, n: int, fd: int, ops: Any,
+             offsets: Any, skip: int, tail: int, ok: int, err: int, lens: Any, errs: Any, every: int,
+             call_fd: int) -> int:
+    """Vectored file I/O for chains ``first..first+n-1`` of ``batch``, their status
+    bytes, and (with ``st``) their dirty-log marks and used entries, published
+    every ``every`` chains with a notification when needed (contract: ring.h
+    ``vu_chain_io``).  Returns the notifications sent, or -ErrorCode."""
+    check_io_args(batch, first, n, ops, offsets, lens, errs)
+    notified = done = 0
+    if every <= 0:
+        every = n if n else 1
+    for k in range(n):
+        op = ops[k]
+        errs[k] = 0
+        if op == IO_READ or op == IO_WRITE:
+            errs[k] = _one_chain(mem, batch, first + k, fd, op, offsets[k], skip, tail, ok, err, lens, k)
+        elif op != IO_NONE:
+            errs[k] = errno.EINVAL
+        if st is not None and k + 1 - done >= every:
+            rc = _publish(st, mem, batch, first + done, k + 1 - done, lens, done, call_fd)
+            if rc < 0:
+                return rc
+            notified += rc
+            done = k + 1
+    if st is not None and done < n:
+        rc = _publish(st, mem, batch, first + done, n - done, lens, done, call_fd)
+        if rc < 0:
+            return rc
+        notified += rc
+    return notified
+
+
+def chain_heads(mem: GuestMemory, batch: ChainBatch, first: int, n: int, hlen: int) -> tuple[bytes, list[int], list[int]]:
+    """The first ``hlen`` readable bytes of chains ``first..first+n-1`` as one flat
+    buffer (each zero-filled when shorter), with their readable and writable byte
+    counts."""
+    check_io_args(batch, first, n)
+    out = bytearray(n * hlen)
+    rb = batch.read_bytes
+    addrs, lens = batch.addr, batch.len
+    for k in range(n):
+        i = first + k
+        want = min(rb[i], hlen)
+        d0 = batch.desc_start[i]
+        if want and batch.nread[i] and lens[d0] >= want:  # the common case: one descriptor, one region
+            view = _region_view(mem, addrs[d0], want)
+            if view is not None:
+                out[k * hlen : k * hlen + want] = view
+                continue
+        try:
+            data = gather(mem, addrs, lens, d0, batch.nread[i], 0, want)
+        except GuestMemoryError:
+            continue
+        out[k * hlen : k * hlen + len(data)] = data
+    return bytes(out), list(rb[first:first + n]), list(batch.write_bytes[first:first + n])
+
+
+def poll(st: QueueState, mem: GuestMemory, ns: int) -> int:
+    """Busy-poll :func:`avail_pending` for up to ``ns`` nanoseconds: 1 as soon
+    as buffers are available, 0 when the window ended, or -ErrorCode.  (Here
+    the GIL is let go between checks; the C core spins without it.)"""
+    end = time.perf_counter_ns() + ns
+    while True:
+        rc = avail_pending(st, mem)
+        if rc:
+            return 1 if rc > 0 else rc
+        if time.perf_counter_ns() >= end:
+            return 0
+        time.sleep(0)

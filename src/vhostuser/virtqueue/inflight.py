@@ -340,4 +340,5 @@ def rebuild_chain(mem: GuestMemory, *, packed: bool, size: int, desc_gpa: int, i
         raise make_error(-rc, st.err_a, st.err_b)
     if rc != 1:
         raise make_error(_pycore.E.DESC_INDEX, item.head, size)
+    batch.count = 1
     return batch

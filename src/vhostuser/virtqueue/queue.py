@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from array import array
 from functools import partial
 from itertools import repeat
@@ -15,6 +16,7 @@ from .inflight import _RING_DESC, PackedInflight, RingDescriptor, SplitInflight,
 from .chain import _SKIP_DATA_LOG, DescriptorChain
 from .defs import MAX_QUEUE_SIZE, Layout
 from .errcodes import BREAKS_QUEUE, ErrorCode, make_error
+from .iobatch import IoBatch
 
 __all__ = ["Queue", "UsedEntry"]
 
@@ -379,6 +381,17 @@ class Queue:
                 return
             yield from chains
 
+    def poll(self, ns: int) -> bool:
+        """Busy-poll up to ``ns`` nanoseconds for available buffers (adaptive
+        polling, before :meth:`enable_notification` and sleeping); True as soon
+        as some are there.  The C core spins without the GIL."""
+        if self._resubmit:
+            return True
+        rc = self._core.poll(self._st, self._memory(), ns)
+        if rc < 0:
+            self._raise(rc)
+        return rc > 0
+
     def has_available(self) -> bool:
         """True if at least one chain is available to pop (no validation)."""
         rc = self._core.avail_pending(self._st, self._memory())
@@ -517,6 +530,127 @@ class Queue:
         if rc < 0:
             self._raise(rc)
         return True
+
+    # -------------------------------------------------------------- batch I/O
+    @staticmethod
+    def _runs(chains: list[DescriptorChain]) -> Iterator[tuple[Any, int, int, int]]:
+        """``(batch, first index in it, count, position in chains)`` for each run
+        of consecutive chains of one pop (one run for a plain pop)."""
+        n = len(chains)
+        c0, cl = chains[0], chains[-1]
+        if cl._b is c0._b and cl._i - c0._i == n - 1:  # one pop, in order: the usual case
+            yield c0._b, c0._i, n, 0
+            return
+        k = 0
+        while k < n:
+            c = chains[k]
+            b, i0 = c._b, c._i
+            m = k + 1
+            while m < n and chains[m]._b is b and chains[m]._i == i0 + (m - k):
+                m += 1
+            yield b, i0, m - k, k
+            k = m
+
+    def pop_io_batch(self, max_chains: int, header_len: int) -> IoBatch | None:
+        """Pop up to ``max_chains`` chains (as :meth:`pop_batch`) with the first
+        ``header_len`` readable bytes of each in one flat buffer; None if none."""
+        chains = self.pop_batch(max_chains)
+        if not chains:
+            return None
+        mem = self._memory()
+        heads = self._core.chain_heads
+        parts = [heads(mem, b, i0, cnt, header_len) for b, i0, cnt, _ in self._runs(chains)]
+        if len(parts) == 1:
+            h, rd, wr = parts[0]
+        else:
+            h = b"".join(p[0] for p in parts)
+            rd = [x for p in parts for x in p[1]]
+            wr = [x for p in parts for x in p[2]]
+        return IoBatch(chains, header_len, h, rd, wr)
+
+    def complete_io(self, iob: IoBatch, fd: int, ops: Any, offsets: Any, lens: Any, *, skip: int, tail: int = 1,
+                    ok: int = 0, err: int = 1, every: int = 0, call_fd: int = -1,
+                    helper: Executor | None = None) -> array:
+        """Finish every chain of ``iob`` in one ring-core call per pop.
+
+        Per chain ``k``: ``ops[k]`` (an :class:`~.iobatch.IoOp`, u8 array),
+        ``offsets[k]`` (file offset, u64 array), ``lens[k]`` (u32 array: the used
+        length of an ``IoOp.NONE`` chain; set to the writable byte count for the
+        others).  READ fills the writable bytes before the ``tail`` status bytes
+        from ``fd``; WRITE writes the readable bytes after ``skip`` to ``fd``; then
+        the chain's last writable byte becomes ``ok`` or ``err``.  All chains are
+        then used (the written bytes marked in the dirty log), published every
+        ``every`` chains (0: once) with a notification through ``call_fd`` when
+        the driver wants one (-1: the caller notifies).  Returns the per-chain
+        errno (0: done) as an ``array('i')``.  Queue errors raise as in
+        :meth:`add_used_batch`.
+
+        ``helper`` (an executor, e.g. one thread): the I/O of the second half of
+        the batch runs there while this thread does the first half and
+        publishes it (the core calls release the GIL); the second half is
+        published when both are done.  Worth it for large transfers only."""
+        chains = iob.chains
+        n = len(chains)
+        errs = array("i", bytes(4 * n))
+        mem = self._memory()
+        dlog = self._log
+        if dlog is None:
+            dlog = mem.dirty_log
+        st = self._st
+        st.log = dlog
+        in_core = self._inflight is None  # else the tracker sees the used entries (add_used_batch)
+        chain_io = self._core.chain_io
+        if helper is not None and in_core and len(chains) >= 2:
+            runs = list(self._runs(chains))
+            if len(runs) == 1:
+                self._complete_split(runs[0][0], runs[0][1], n, fd, ops, offsets, lens, errs, skip, tail, ok, err,
+                                     every, call_fd, helper)
+                return errs
+        views: tuple[Any, ...] | None = None
+        o: Any
+        of: Any
+        ln: Any
+        er: Any
+        for b, i0, cnt, k in self._runs(chains):
+            if cnt == n:
+                o, of, ln, er = ops, offsets, lens, errs
+            else:
+                if views is None:
+                    views = tuple(memoryview(a) for a in (ops, offsets, lens, errs))
+                o, of, ln, er = (v[k:k + cnt] for v in views)
+            rc = chain_io(st if in_core else None, mem, b, i0, cnt, fd, o, of, skip, tail, ok, err, ln, er,
+                          every, call_fd if in_core else -1)
+            if rc < 0:
+                self._raise(rc)
+        if not in_core:
+            self.add_used_batch([(c, lens[k]) for k, c in enumerate(chains)])
+        return errs
+
+    def _complete_split(self, b: Any, i0: int, n: int, fd: int, ops: Any, offsets: Any, lens: Any, errs: array,
+                        skip: int, tail: int, ok: int, err: int, every: int, call_fd: int, helper: Executor) -> None:
+        """complete_io of one pop's chains in two halves, the second's I/O on ``helper``."""
+        mem = self._memory()
+        st = self._st
+        chain_io = self._core.chain_io
+        h = n // 2
+        vo, vof, vln, ver = (memoryview(a) for a in (ops, offsets, lens, errs))
+        second = helper.submit(chain_io, None, mem, b, i0 + h, n - h, fd, vo[h:n], vof[h:n], skip, tail, ok, err,
+                               vln[h:n], ver[h:n], 0, -1)
+        rc = chain_io(st, mem, b, i0, h, fd, vo[:h], vof[:h], skip, tail, ok, err, vln[:h], ver[:h], every, call_fd)
+        second.result()  # its errors are per chain, in errs
+        if rc < 0:
+            self._raise(rc)
+        # publish the second half: nothing to do but the used entries, the log and the call
+        rc = chain_io(st, mem, b, i0 + h, n - h, fd, bytes(n - h), vof[h:n], skip, tail, ok, err, vln[h:n],
+                      array("i", bytes(4 * (n - h))), every, call_fd)
+        if rc < 0:
+            self._raise(rc)
+
+    @property
+    def notifies_in_core(self) -> bool:
+        """Whether :meth:`complete_io` given a call fd notifies the driver itself
+        (no inflight region to update around the used entries)."""
+        return self._inflight is None
 
     # ------------------------------------------------------- inflight I/O
     def set_inflight(self, tracker: SplitInflight | PackedInflight | None) -> None:

@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     queues.add_argument("--seg-max", type=_positive, default=None, metavar="N",
                         help="data segments per request offered in the config (default: 126, for QEMU's "
                              "queue-size 128; at most the front-end's queue-size - 2)")
+    queues.add_argument("--poll-ns", type=int, default=0, metavar="NS",
+                        help="adaptive polling: busy-poll a queue NS nanoseconds after it ran dry before "
+                             "sleeping (lower latency, more CPU; default: 0, off)")
     queues.add_argument("--queues-per-thread", type=_positive, default=1, metavar="N",
                         help="queues served by one worker thread (default: 1, a thread per queue)")
 
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
             del i
             return BlkBackend(image, num_queues=args.num_queues, queue_size=args.queue_size,
                               serial=args.serial, queues_per_thread=args.queues_per_thread, seg_max=args.seg_max,
-                              discard=args.discard, write_zeroes=args.write_zeroes)
+                              discard=args.discard, write_zeroes=args.write_zeroes,
+                              poll_ns=max(args.poll_ns, 0))
 
         return serve_backends("blk", args, make_backend, CAPABILITIES)
     finally:
