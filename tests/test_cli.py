@@ -20,8 +20,9 @@ DEVICES = [name for name, (module, _) in SUBCOMMANDS.items() if module.startswit
 #: QEMU's VHostUserBackendType names
 SCHEMA_TYPES = {"9p", "balloon", "block", "caif", "console", "crypto", "gpu", "input", "net", "rng",
                 "rpmsg", "rproc-serial", "scsi", "vsock", "fs"}
-#: device types QEMU's schema does not name yet (no QEMU front-end): the virtio spec's device name
-UNLISTED_TYPES = {"can", "spi", "scmi", "sound"}
+#: device types QEMU's schema does not name yet (no QEMU front-end, or none in the schema): the virtio
+#: spec's device name
+UNLISTED_TYPES = {"can", "spi", "scmi", "sound", "gpio", "i2c"}
 
 
 def vhostuser(*args: str, **kw) -> subprocess.CompletedProcess[str]:  # noqa: ANN003

@@ -18,6 +18,8 @@ DEVICE_OPT_IN = {
     "DEVICE_STATE": "`supports_device_state` + `save_state`/`load_state`",
     "INFLIGHT_SHMFD": "`supports_inflight`",
     "SHARED_OBJECT": "`protocol_features()` + `get_shared_object`",
+    "RARP": "`protocol_features()` + `send_rarp` (net)",
+    "MTU": "`protocol_features()` + `net_set_mtu` (net)",
 }
 
 

@@ -439,8 +439,9 @@ def test_rings_view_decodes_blk_requests_and_completions(sock_dir: Path, traced:
     assert [c["status"] for c in done] == ["OK", "OK", "IOERR"]
     assert [c["written"] for c in done] == [1, 4097, 1]  # a failed request wrote its status only
     summary = next(e for e in t.events if e.kind == "summary").data
-    assert summary is not None and summary["ring_notifications"]["kicks"] >= 3
-    assert summary["ring_notifications"]["calls"] >= 3
+    # with EVENT_IDX a kick (or call) may stand for several requests: at least one of each
+    assert summary is not None and summary["ring_notifications"]["kicks"] >= 1
+    assert summary["ring_notifications"]["calls"] >= 1
 
 
 def test_rings_view_survives_a_ring_it_cannot_read(rng_daemon: str, traced: Callable[..., Traced]) -> None:

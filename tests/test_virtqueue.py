@@ -499,3 +499,23 @@ def test_constructor_shortcut_and_memory_dirty_log(mem, packed) -> None:
     assert drv.get_used() == [(tok, 8)]
     mem.set_dirty_log(None)
     dl.close()
+
+
+def test_packed_vring_base_with_only_the_avail_half_means_used_equals_avail() -> None:
+    """DPDK 22.11's virtio-user sends SET_VRING_BASE 0x8000 for a packed ring (avail
+    position 0, wrap 1; nothing above): the used side must start there too, or
+    the device writes used descriptors with the wrong wrap counter."""
+    mem = GuestMemory.anonymous([(0, 0x40000)])
+    drv = RingDriver.create(mem, 16, packed=True)
+    q = drv.make_queue()
+    q.set_vring_base(0x8000)
+    assert q.vring_base() == 0x80008000
+    q.set_vring_base(0x80038005)       # both halves given (QEMU): taken as they are
+    assert q.vring_base() == 0x80038005
+    tok = drv.add([b"x"], [])
+    drv.publish()
+    q.set_vring_base(0x8000)
+    chain = q.pop_descriptor_chain()
+    q.add_used(chain, 0)
+    assert drv.get_used() == [(tok, 0)]
+    mem.close()

@@ -225,6 +225,16 @@ class VhostUserBackend:
         object ``uuid`` (GET_SHARED_OBJECT).  Devices that export objects override."""
         raise DeviceError("this device exports no shared objects")
 
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP (protocol feature RARP): announce the guest's 6-byte ``mac``
+        after a migration.  Net devices that offer RARP override."""
+        raise DeviceError("this device does not send RARP announcements")
+
+    def net_set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (protocol feature MTU): the guest's MTU.  Net devices that
+        offer MTU override."""
+        raise DeviceError("this device has no MTU")
+
     def reset_device(self) -> None:
         """Reset device state (RESET_DEVICE, RESET_OWNER, or front-end disconnect)."""
         self._acked_features = 0

@@ -92,6 +92,8 @@ class VhostUserHandler(BackendReqHandler):
         self.owned = False
         self.acked_features = 0
         self.acked_protocol_features = PF(0)
+        #: SET_PROTOCOL_FEATURES arrived: the front-end saw F_PROTOCOL_FEATURES offered
+        self.protocol_features_set = False
 
     # --------------------------------------------------------------- helpers
     def start_workers(self) -> None:
@@ -166,6 +168,7 @@ class VhostUserHandler(BackendReqHandler):
         if pf & PF.INBAND_NOTIFICATIONS and not (pf & PF.BACKEND_REQ and pf & PF.REPLY_ACK):
             raise RemoteProtocolError("INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK", request=None)
         self.acked_protocol_features = pf
+        self.protocol_features_set = True
 
     def set_owner(self) -> None:
         self.owned = True
@@ -287,7 +290,9 @@ class VhostUserHandler(BackendReqHandler):
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
         vring = self._vring(index)
-        if not self.protocol_features_negotiated:
+        # QEMU 7.2's vhost-user-net enables its rings before SET_FEATURES (which then
+        # acks PROTOCOL_FEATURES): SET_PROTOCOL_FEATURES already shows the negotiation
+        if not (self.protocol_features_negotiated or self.protocol_features_set):
             raise RemoteProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         with vring.lock:
             was_running = vring.started and vring.enabled
@@ -330,6 +335,12 @@ class VhostUserHandler(BackendReqHandler):
 
     def get_shared_object(self, uuid: UUID) -> int:
         return self.backend.get_shared_object(uuid)
+
+    def send_rarp(self, mac: bytes) -> None:
+        self.backend.send_rarp(bytes(mac))
+
+    def net_set_mtu(self, mtu: int) -> None:
+        self.backend.net_set_mtu(mtu)
 
     # ------------------------------------------------------------ inflight I/O
     def _check_inflight_geometry(self, num_queues: int, queue_size: int) -> None:

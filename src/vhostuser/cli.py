@@ -24,6 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "vsock": ("vhostuser.devices.vsock.cli", "virtio-vsock back-end (hybrid vsock over AF_UNIX, sibling VMs)"),
     "blk": ("vhostuser.devices.blk", "virtio-blk back-end (file or block device)"),
     "console": ("vhostuser.devices.console", "virtio-console back-end (terminal, TCP or UNIX socket)"),
+    "net": ("vhostuser.devices.net.cli", "virtio-net back-end (a learning switch between VMs, capture, impairments)"),
+    "scsi": ("vhostuser.devices.scsi", "virtio-scsi back-end (LUNs on image files)"),
+    "gpio": ("vhostuser.devices.gpio", "virtio-gpio back-end (simulated GPIO chip)"),
+    "i2c": ("vhostuser.devices.i2c", "virtio-i2c back-end (simulated devices, host /dev/i2c-N)"),
     "sound": ("vhostuser.devices.sound", "virtio-sound back-end (null, WAV files, PulseAudio; runtime on/off per direction)"),
     "input": ("vhostuser.devices.input", "virtio-input back-end (host evdev device or virtual keyboard/mouse/tablet)"),
     "can": ("vhostuser.devices.can", "virtio-can back-end (virtual CAN bus between VMs, or host SocketCAN)"),
@@ -86,6 +90,18 @@ def console_main() -> int:
     return _device_command("console")
 
 
+def scsi_main() -> int:
+    return _device_command("scsi")
+
+
+def gpio_main() -> int:
+    return _device_command("gpio")
+
+
+def i2c_main() -> int:
+    return _device_command("i2c")
+
+
 def can_main() -> int:
     return _device_command("can")
 
@@ -104,6 +120,10 @@ def input_main() -> int:
 
 def sound_main() -> int:
     return _device_command("sound")
+
+
+def net_main() -> int:
+    return _device_command("net")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 * :mod:`.poll` - :class:`Poller` over :mod:`selectors` (epoll / kqueue / poll / select)
 * :mod:`.fdinfo` - :func:`describe_fd` (memfd / eventfd / socket ..., size) for diagnostics
 * :mod:`.sockstate` - :func:`socket_peer_state` (what a socket's peer shut down, by ``poll()``)
+* :mod:`.tap` - :func:`open_tap` (Linux TAP interfaces with IFF_VNET_HDR)
 
 Each variant is picked by a capability probe (never ``sys.platform``) and can be
 forced by a ``kind=`` argument or an environment variable read at call time

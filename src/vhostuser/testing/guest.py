@@ -162,6 +162,7 @@ VHOST_USER_KINDS: dict[str, str] = {
     "input": "vhost-user-input-pci",
     "gpio": "vhost-user-gpio-pci",
     "i2c": "vhost-user-i2c-pci",
+    "net": "virtio-net-pci",
 }
 
 #: Host tool -> Debian package that provides it.
@@ -711,7 +712,9 @@ class VhostUserDevice:
     """A vhost-user PCI device whose back-end listens on ``socket_path``.
 
     ``kind`` is a short name (``rng``, ``blk``, ``vsock``, ``fs``, ``scsi``,
-    ``input``, ``gpio``, ``i2c``) or a QEMU driver name (``vhost-user-rng-pci``).
+    ``input``, ``gpio``, ``i2c``, ``net``) or a QEMU driver name (``vhost-user-rng-pci``).
+    ``net`` is ``-netdev vhost-user`` + ``virtio-net-pci,...,vectors=0`` (``extra``:
+    ``"mac=52:54:00:00:00:01,packed=on"``).
     ``extra`` is appended to ``-device`` (``"num-queues=2,packed=on"``),
     ``chardev_extra`` to ``-chardev socket`` (``"reconnect=1"``, blk only in QEMU
     7.2).  For ``fs`` a ``tag=vhostuser`` is added unless ``extra`` has a tag.
@@ -741,6 +744,13 @@ class VhostUserDevice:
         cdev = f"socket,id={chardev},path={os.fspath(self.socket_path)}"
         if self.chardev_extra:
             cdev += "," + self.chardev_extra
+        if self.kind == "net":
+            # vhost-user-net is a -netdev; vectors=0 because MSI-X crashes QEMU 7.2's
+            # virtio-net under TCG at DRIVER_OK (INTx works)
+            dev = f"virtio-net-pci,netdev=vhunet{index},id={self.id or f'vhudev{index}'},vectors=0"
+            if self.extra:
+                dev += "," + self.extra
+            return ["-chardev", cdev, "-netdev", f"vhost-user,id=vhunet{index},chardev={chardev}", "-device", dev]
         dev = f"{self.driver},chardev={chardev},id={self.id or f'vhudev{index}'}"
         if self.driver == "vhost-user-fs-pci" and "tag=" not in self.extra:
             dev += ",tag=vhostuser"

@@ -292,11 +292,16 @@ class Queue:
     def set_vring_base(self, num: int) -> None:
         """Apply ``SET_VRING_BASE``.  Split: next_avail = next_used = ``num & 0xffff``
         (as rust-vmm).  Packed: the encoding of :meth:`vring_base` (QEMU starts
-        with 0x80008000: both positions 0, both wrap counters 1)."""
+        with 0x80008000: both positions 0, both wrap counters 1).  A packed base
+        with an empty upper half (DPDK 22.11's virtio-user sends 0x8000) means
+        used = avail, as DPDK's own vhost library reads it."""
         st = self._st
         if self.packed:
             st.next_avail, st.avail_wrap = num & 0x7FFF, (num >> 15) & 1
-            st.next_used, st.used_wrap = (num >> 16) & 0x7FFF, (num >> 31) & 1
+            if num >> 16:
+                st.next_used, st.used_wrap = (num >> 16) & 0x7FFF, (num >> 31) & 1
+            else:
+                st.next_used, st.used_wrap = st.next_avail, st.avail_wrap
         else:
             st.next_avail = st.next_used = num & 0xFFFF
         st.num_added = 0
