@@ -102,3 +102,32 @@ def test_demo_drives_the_rng_backend_end_to_end(ring: str) -> None:
     assert all(len(b) == 16 for b in blobs) and len(blobs) == 3  # 8 random bytes each, all different
     assert f"{ring} ring" in out.stdout
     assert "exited with status 0; socket removed: True" in out.stdout
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+def test_help_shows_no_raw_rest_markup(command: str) -> None:
+    out = vhostuser(command, "--help")
+    assert out.returncode == 0, out.stderr
+    for markup in ("``", ":class:", ":func:", ":meth:", ":mod:", ":data:"):
+        assert markup not in out.stdout, (command, markup)
+    assert not any(line.rstrip().endswith("::") for line in out.stdout.splitlines()), command
+
+
+def test_info_into_a_closed_pipe_ends_quietly() -> None:
+    """``vhostuser info | head -0``: the reader has gone before the first write."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        out = subprocess.run([sys.executable, "-m", "vhostuser", "info"], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert out.stderr == ""
+    assert out.returncode == 141  # 128 + SIGPIPE, as a shell reports a filter whose reader left
+
+
+def test_info_piped_into_head_has_no_traceback() -> None:
+    out = subprocess.run(f"{sys.executable} -m vhostuser info | head -n 1", shell=True, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.startswith("vhostuser ")
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr

@@ -190,9 +190,22 @@ def test_hanging_script_times_out_and_qemu_is_gone(kernel: g.Kernel, tmp_path: P
     workdir = tmp_path / "boot"
     t0 = time.monotonic()
     with pytest.raises(g.GuestTimeout, match="timeout 2 s"):
-        g.run_guest(script, timeout=2, workdir=workdir)
+        g.run_guest(script, timeout=2, workdir=str(workdir))  # a str is a path too
     assert time.monotonic() - t0 < 12
     assert _processes_mentioning(str(workdir)) == []
+    assert (workdir / "qemu.stderr").exists()  # a given workdir is kept
+
+
+@pytest.mark.parametrize("device", [g.VhostUserDevice("input", "/tmp/x.sock"), g.VhostUserDevice("vhost-user-gpu-pci", "/tmp/x.sock"),
+                                    "vhost-user-input-pci,chardev=c0"])
+def test_devices_qemu_cannot_run_under_tcg_are_refused_before_booting(device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU 7.2 realizes vhost-user-input/-gpu only with KVM; the rig is TCG only."""
+    def never(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the rig went on to boot")
+    monkeypatch.setattr(g, "check_prerequisites", never)
+    monkeypatch.setattr(g, "fetch_kernel", never)
+    with pytest.raises(g.GuestUnsupportedDeviceError, match="requires kvm.*MockFrontend"):
+        g.run_guest("true", devices=[device])
 
 
 def test_qemu_failure_is_a_boot_error_with_stderr(kernel: g.Kernel, tmp_path: Path) -> None:

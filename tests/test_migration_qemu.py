@@ -43,6 +43,7 @@ from helpers.procs import reap, wait_for_path
 
 from vhostuser._impl import IMPL
 from vhostuser.testing.blk_workload import BlkWorkload, WorkloadReport, is_read_block
+from vhostuser.devices.net import read_pcap
 from vhostuser.testing.guest import VhostUserDevice
 from vhostuser.testing.migration import (
     VM,
@@ -233,3 +234,48 @@ def test_qemu_72_refuses_to_migrate_vhost_user_rng_and_vsock(kind: str, args: li
     finally:
         reap(proc)
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.impl_pass("native")
+def test_net_guest_migrates_and_the_destination_announces_it() -> None:
+    """A virtio-net guest on ``vhostuser net``'s switch migrates from port 0 to
+    port 1 of the same switch.  The device does not offer GUEST_ANNOUNCE, so QEMU
+    7.2 sends SEND_RARP to the destination back-end after switchover, and the
+    switch broadcasts the guest's RARP: it is in the capture, from the guest's MAC,
+    after the migration - so the network learns where the guest went."""
+    mac = "52:54:00:00:00:07"
+    d = Path(tempfile.mkdtemp(prefix="vhu-mign-"))
+    sock, pcap = d / "net.sock", d / "net.pcap"
+    proc = subprocess.Popen([sys.executable, "-m", "vhostuser", "net", "--socket-path", str(sock), "--socket-count",
+                             "2", "--pcap", str(pcap), "-v"], stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(2):
+            wait_for_path(Path(f"{sock}{i}"), proc)
+        devs = [VhostUserDevice("net", Path(f"{sock}{i}"), extra=f"mac={mac}") for i in range(2)]
+        script = "ip link set eth0 up\nip addr add 10.0.0.7/24 dev eth0\nsleep 600\n"
+        with MigratingGuest(script, devices=[devs[0]], timeout=TIMEOUT) as mg:
+            src = mg.start([devs[0]])
+            time.sleep(3)  # let the guest's driver come up
+            dst = mg.incoming([devs[1]])
+            stats = mg.migrate(src, dst, MigrationParams(lift_after_syncs=1))
+            assert stats.status == "completed", stats
+            t_switchover = time.time()
+            dst.cont()
+            time.sleep(5)  # QEMU announces a few times after the switchover
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+        rarps = _rarps(pcap, mac)  # the capture is complete once the command exited
+        shutil.rmtree(d, ignore_errors=True)
+    assert f"RARP for {mac}" in stderr, stderr[-3000:]
+    assert rarps and all(t >= t_switchover - 1 for t, _ in rarps), stderr[-3000:]
+    _, frame = rarps[0]
+    assert frame[:6] == b"\xff" * 6  # broadcast, opcode 3 (reverse request)
+    assert frame[20:22] == b"\x00\x03"
+
+
+def _rarps(pcap: Path, mac: str) -> list[tuple[float, bytes]]:
+    """(time, frame) of the RARP frames (ethertype 0x8035) from ``mac`` in the capture."""
+    src = bytes.fromhex(mac.replace(":", ""))
+    return [(t, f) for t, f in read_pcap(pcap) if f[6:12] == src and f[12:14] == b"\x80\x35"]

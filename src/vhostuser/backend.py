@@ -104,12 +104,13 @@ class VhostUserBackend:
         The daemon adds the ones it implements itself for every device (MQ,
         REPLY_ACK, CONFIGURE_MEM_SLOTS, BACKEND_REQ, BACKEND_SEND_FD, LOG_SHMFD,
         RESET_DEVICE, STATUS, INBAND_NOTIFICATIONS); return here the ones that
-        need device work.  ``CONFIG`` is added when :attr:`config_space` is set,
-        ``DEVICE_STATE`` with :attr:`supports_device_state`, ``INFLIGHT_SHMFD``
+        need device work.  ``CONFIG`` is added when the device has a config
+        space: :attr:`config_space` is set, or :meth:`get_config` is overridden
+        (dynamic config); ``DEVICE_STATE`` with :attr:`supports_device_state`, ``INFLIGHT_SHMFD``
         with :attr:`supports_inflight`; override to add e.g. ``SHARED_OBJECT``.
         """
         pf = PF(0)
-        if self.config_space is not None:
+        if self.has_config():
             pf |= PF.CONFIG
         if self.supports_device_state:
             pf |= PF.DEVICE_STATE
@@ -136,15 +137,31 @@ class VhostUserBackend:
         self.memory = memory
 
     # ----------------------------------------------------------------- config
+    def has_config(self) -> bool:
+        """Whether the device has a config space (then ``PROTOCOL_F_CONFIG`` is
+        offered): :attr:`config_space` is set or :meth:`get_config` is overridden."""
+        return self.config_space is not None or type(self).get_config is not VhostUserBackend.get_config
+
     def get_config(self, offset: int, size: int) -> bytes:
-        """Read ``size`` bytes of the config space at ``offset`` (GET_CONFIG)."""
+        """Read ``size`` bytes of the config space at ``offset`` (GET_CONFIG).
+
+        The default reads :attr:`config_space`.  Override for a config space
+        that changes (then :attr:`config_space` may stay ``None``); after a change
+        the device may tell the driver with
+        ``self.backend_channel.config_change()`` (when BACKEND_REQ was negotiated).
+        Raise :class:`~vhostuser.errors.DeviceError` for a range the device
+        does not have: the front-end gets a failed request."""
         space = self.config_space or b""
         if offset < 0 or size < 0 or offset + size > len(space):
             raise DeviceError(f"config read [{offset}, +{size}) outside the {len(space)}-byte config space")
         return bytes(space[offset:offset + size])
 
     def set_config(self, offset: int, data: bytes) -> None:
-        """Write the config space (SET_CONFIG).  The default refuses writes."""
+        """The driver wrote ``data`` at ``offset`` of the config space (SET_CONFIG).
+
+        The default refuses writes (:class:`~vhostuser.errors.DeviceError`, the
+        front-end gets a failed request).  The message's flags (front-end write or
+        migration) are not passed on: a device that must tell them apart cannot yet."""
         raise DeviceError("this device's config space is read-only")
 
     # ---------------------------------------------------------------- threads

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +38,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+_ROLE = re.compile(r":(?:[\w-]+:)?[\w-]+:`~?([^`]+)`")
+
+
+def plain_text(doc: str) -> str:
+    """A reST docstring as ``--help`` should show it: ``code`` and :role:`x`
+    markup dropped, a paragraph's closing ``::`` turned into ``:``."""
+    text = _ROLE.sub(r"\1", doc)
+    text = text.replace("``", "")
+    return re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vhostuser",
@@ -46,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (modname, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(modname)
-        p = sub.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text),
+        p = sub.add_parser(name, help=help_text, description=plain_text(getattr(module, "DESCRIPTION", help_text)),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
         module.add_arguments(p)
@@ -60,12 +73,31 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``vhostuser COMMAND ...``: parse ``argv`` (default ``sys.argv[1:]``), run the
+    subcommand, return its exit status (130 on Ctrl-C).  A reader that goes away
+    (``vhostuser info | head``) ends the command quietly, as for any Unix filter."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader gone shows here, not at interpreter exit
+        return status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_gone()
+
+
+def _stdout_gone() -> int:
+    # Python flushes stdout again at exit, which would raise once more: point it at
+    # /dev/null first.  141 = 128 + SIGPIPE, what a shell reports for a killed filter.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 def _device_command(name: str) -> int:

@@ -6,11 +6,10 @@ import json
 import logging
 import os
 import shlex
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +17,10 @@ DESCRIPTION = """Run vhost-user protocol conformance checks against any back-end
 
 Connect to a back-end already listening at --socket-path, or start one with
 --exec (its command line, with {socket} replaced by a fresh socket path; the
-process is killed at the end).  Prints one line per check and a summary; the
-exit status is 0 if and only if every required check passed.
+process is killed at the end; if it exits during the run, that is reported and
+the remaining checks are not run).  Prints one line per check and a summary; the
+exit status is 0 if and only if every required check passed and at least one
+check passed (1 otherwise, 2 for a usage error or a back-end that did not start).
 
   vhostuser check --socket-path /tmp/vhost.sock
   vhostuser check --device rng --exec "vhostuser rng --socket-path {socket}"
@@ -57,42 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="seconds to wait for any reply or used buffer (default 5)")
-    parser.add_argument("--only", metavar="NAMES", help="comma-separated check names to run")
+    parser.add_argument("--only", metavar="NAMES",
+                        help="comma-separated check names to run (the handshake's facts are gathered anyway)")
+    parser.add_argument("--restart-per-check", action="store_true",
+                        help="with --exec: a fresh back-end process for every check (for back-ends that serve "
+                             "one session and exit)")
     parser.add_argument("--packed", action="store_true", help="use packed rings (the back-end must offer them)")
-
-
-def start_backend(cmd: str, socket_path: str, timeout: float) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` ({socket} replaced by ``socket_path``) in its own session; wait for the socket."""
-    argv = [a.replace("{socket}", socket_path) for a in shlex.split(cmd)]
-    log.info("starting %s", argv)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(socket_path):
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"the back-end exited with status {proc.returncode}: {err.strip()}")
-        if time.monotonic() > deadline:
-            stop_backend(proc)
-            raise RuntimeError(f"the back-end did not create {socket_path} within {timeout}s")
-        time.sleep(0.02)  # another process creating its socket: nothing to poll on
-    return proc
-
-
-def stop_backend(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate (then kill) the process group started by :func:`start_backend`."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()
 
 
 def run_frontend(args: argparse.Namespace) -> int:
@@ -132,38 +103,46 @@ def run(args: argparse.Namespace) -> int:
         print(f"vhostuser check: no device-class checks for {args.device!r} back-ends yet "
               f"({', '.join(sorted(PROFILES))}); --device {args.device} is for --frontend", file=sys.stderr)
         return 2
-    from .testing.checker import format_report, format_result, results_json, run_checks
+    from .testing.checker import BackendProcess, conforms, format_report, format_result, results_json, run_checks
     from .testing.frontend import FrontendOptions
 
     only = [n.strip() for n in args.only.split(",")] if args.only else None
+    if args.restart_per_check and not args.exec_cmd:
+        print("vhostuser check: --restart-per-check needs --exec", file=sys.stderr)
+        return 2
     options = FrontendOptions(queue_size=64, memory=((0, 2 << 20), (4 << 20, 2 << 20)), data_size=128 << 10,
                               timeout=args.timeout, reply_timeout=args.timeout, packed=True if args.packed else False)
-    proc = None
+    backend = None
     tmpdir = None
     try:
         if args.exec_cmd:
             tmpdir = tempfile.mkdtemp(prefix="vhu-check-")
             socket_path = os.path.join(tmpdir, "backend.sock")
-            try:
-                proc = start_backend(args.exec_cmd, socket_path, max(args.timeout, 10.0))
-            except (OSError, RuntimeError) as exc:
-                print(f"vhostuser check: {exc}", file=sys.stderr)
-                return 2
+            backend = BackendProcess(args.exec_cmd, socket_path, max(args.timeout, 10.0))
+            if not args.restart_per_check:
+                try:
+                    backend.start()
+                except (OSError, RuntimeError) as exc:
+                    print(f"vhostuser check: {exc}", file=sys.stderr)
+                    return 2
         else:
             socket_path = args.socket_path
         progress = None if args.json else (lambda r: print(format_result(r), flush=True))
-        results = run_checks(socket_path, device=args.device, options=options, timeout=args.timeout,
-                             only=only, progress=progress)
+        try:
+            results = run_checks(socket_path, device=args.device, options=options, timeout=args.timeout,
+                                 only=only, progress=progress, backend=backend,
+                                 restart_each=args.restart_per_check)
+        except ValueError as exc:
+            print(f"vhostuser check: {exc}", file=sys.stderr)
+            return 2
     finally:
-        if proc is not None:
-            stop_backend(proc)
+        if backend is not None:
+            backend.stop()
         if tmpdir is not None:
-            for name in os.listdir(tmpdir):
-                os.unlink(os.path.join(tmpdir, name))
-            os.rmdir(tmpdir)
+            shutil.rmtree(tmpdir, ignore_errors=True)
     if args.json:
         json.dump(results_json(results), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(format_report(results).splitlines()[-1])
-    return 0 if all(r.ok for r in results) else 1
+    return 0 if conforms(results) else 1

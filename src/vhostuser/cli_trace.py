@@ -12,7 +12,6 @@ import threading
 from collections.abc import Iterator
 from typing import TextIO
 
-from .cli_check import start_backend, stop_backend
 
 DESCRIPTION = """Relay vhost-user sessions between a front-end and a back-end, decoding every message.
 
@@ -61,6 +60,7 @@ def _output(path: str | None) -> Iterator[TextIO]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .testing.checker import BackendProcess
     from .trace import JsonWriter, TextWriter, TraceOptions, TraceProxy
 
     tmpdir = None
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             tmpdir = tempfile.mkdtemp(prefix="vhu-trace-")
             backend = os.path.join(tmpdir, "backend.sock")
             try:
-                proc = start_backend(args.exec_cmd, backend, args.timeout)
+                proc = BackendProcess(args.exec_cmd, backend, args.timeout)
+                proc.start()
             except (OSError, RuntimeError) as exc:
                 print(f"vhostuser trace: {exc}", file=sys.stderr)
                 return 2
@@ -98,6 +99,6 @@ def run(args: argparse.Namespace) -> int:
         return 1 if args.check and proxy.error_findings else 0
     finally:
         if proc is not None:
-            stop_backend(proc)
+            proc.stop()
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)

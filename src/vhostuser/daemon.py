@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from types import TracebackType
@@ -63,15 +64,23 @@ class VhostUserDaemon:
         self.connected = threading.Event()
 
     # ------------------------------------------------------------ public API
-    def start_server(self, socket_path: str, *, mode: int = 0o600) -> None:
-        """Listen on ``socket_path`` and serve front-ends one after another."""
-        self._start(self._serve_listener, Listener(socket_path, mode=mode))
-        self.socket_path = socket_path
+    def start_server(self, socket_path: str | os.PathLike[str], *, mode: int = 0o600) -> None:
+        """Listen on ``socket_path`` (created with permissions ``mode``) and serve
+        front-ends one after another, in a thread; returns at once.
 
-    def start_client(self, socket_path: str, *, max_backoff: float = 2.0) -> None:
-        """Connect to a listening front-end, reconnecting with back-off."""
-        self._start(self._serve_client, socket_path, max_backoff)
-        self.socket_path = socket_path
+        Raises :class:`OSError` if the socket cannot be created (the path exists,
+        the directory is missing) and :class:`RuntimeError` if already started."""
+        path = os.fspath(socket_path)
+        self._start(self._serve_listener, Listener(path, mode=mode))
+        self.socket_path = path
+
+    def start_client(self, socket_path: str | os.PathLike[str], *, max_backoff: float = 2.0) -> None:
+        """Connect to a front-end listening on ``socket_path``, in a thread;
+        reconnect with back-off (at most ``max_backoff`` s apart) after it goes away.
+        Returns at once; :class:`RuntimeError` if already started."""
+        path = os.fspath(socket_path)
+        self._start(self._serve_client, path, max_backoff)
+        self.socket_path = path
 
     def start_fd(self, fd: int) -> None:
         """Serve an inherited socket: listening (many front-ends) or connected (one)."""
@@ -83,13 +92,15 @@ class VhostUserDaemon:
         else:
             self._start(self._serve_connection_once, Endpoint.from_fd(fd))
 
-    def serve(self, socket_path: str) -> None:
-        """:meth:`start_server` then :meth:`wait`."""
+    def serve(self, socket_path: str | os.PathLike[str]) -> None:
+        """Listen on ``socket_path`` and serve front-ends until shut down:
+        :meth:`start_server` then :meth:`wait`.  The usual way to run a device."""
         self.start_server(socket_path)
         self.wait()
 
-    def connect(self, socket_path: str) -> None:
-        """:meth:`start_client` then :meth:`wait`."""
+    def connect(self, socket_path: str | os.PathLike[str]) -> None:
+        """Serve a front-end that listens on ``socket_path`` (QEMU ``server=on``)
+        until shut down: :meth:`start_client` then :meth:`wait`."""
         self.start_client(socket_path)
         self.wait()
 
@@ -107,6 +118,7 @@ class VhostUserDaemon:
 
     @property
     def running(self) -> bool:
+        """Whether the daemon's protocol thread runs (started and not yet stopped)."""
         return self._thread is not None and self._thread.is_alive()
 
     def __enter__(self) -> VhostUserDaemon:

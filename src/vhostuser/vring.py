@@ -89,6 +89,7 @@ class VringState:
     # ------------------------------------------------------------------ state
     @property
     def state(self) -> RingState:
+        """The ring's state as the spec names it: stopped, started and enabled, or started and disabled."""
         if not self.started:
             return RingState.STOPPED
         return RingState.STARTED_ENABLED if self.enabled else RingState.STARTED_DISABLED
@@ -189,15 +190,26 @@ class VringState:
         return self.queue
 
     def pop_descriptor_chain(self) -> DescriptorChain | None:
-        """The next available chain, or None."""
+        """The next available chain, or None when the driver has published no more.
+
+        Raises :class:`~vhostuser.errors.QueueError` if the ring is not started or
+        has failed, and a :class:`~vhostuser.errors.QueueBroken` subclass for a
+        hostile ring (a descriptor outside guest memory, a loop, ...); raising it
+        on from :meth:`~vhostuser.VhostUserBackend.handle_event` fails this queue only."""
         return self._running_queue().pop_descriptor_chain()
 
     def pop_batch(self, max_chains: int = 64) -> Sequence[DescriptorChain]:
-        """Up to ``max_chains`` available chains in one call."""
+        """Up to ``max_chains`` available chains in one call (empty: none left).
+
+        Every buffer was checked to lie inside guest memory.  Raises as
+        :meth:`pop_descriptor_chain` does."""
         return self._running_queue().pop_batch(max_chains)
 
     def add_used(self, chain: DescriptorChain | int, length: int) -> None:
-        """Return one chain to the driver with ``length`` bytes written."""
+        """Return one chain (or its head index) to the driver with ``length``
+        bytes written into its device-writable buffers.  Then call
+        :meth:`signal_used_queue`.  Raises :class:`~vhostuser.errors.QueueError`
+        if the ring is not started or has failed."""
         self._running_queue().add_used(chain, length)
 
     def add_used_batch(self, entries: Iterable[tuple[DescriptorChain | int, int]]) -> None:
@@ -205,6 +217,7 @@ class VringState:
         self._running_queue().add_used_batch(entries)
 
     def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was just used (EVENT_IDX / NO_INTERRUPT aware); :meth:`signal_used_queue` asks this itself."""
         return self._running_queue().needs_notification()
 
     def poll(self, ns: int) -> bool:
@@ -247,6 +260,7 @@ class VringState:
         return self._running_queue().enable_notification()
 
     def disable_notification(self) -> None:
+        """Ask the driver not to kick (while the device polls the ring); :meth:`enable_notification` turns kicks back on."""
         self._running_queue().disable_notification()
 
     def fail(self, exc: Exception) -> None:

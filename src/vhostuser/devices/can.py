@@ -97,6 +97,7 @@ class CanFrame:
 
     @property
     def length(self) -> int:
+        """Bytes of data (an RTR frame: the length it requests)."""
         return self.rtr_length if self.rtr else len(self.data)
 
     def pack(self, msg_type: int = VIRTIO_CAN_RX) -> bytes:
@@ -114,11 +115,13 @@ class CanFrame:
 
     # SocketCAN keeps the frame kind in can_id's top bits
     def to_host(self) -> HostCanFrame:
+        """The frame as SocketCAN carries it (frame kind in ``can_id``'s top bits)."""
         can_id = self.can_id | (CAN_EFF_FLAG if self.extended else 0) | (CAN_RTR_FLAG if self.rtr else 0)
         return HostCanFrame(can_id, bytes(self.rtr_length) if self.rtr else self.data, fd=self.fd)
 
     @classmethod
     def from_host(cls, frame: HostCanFrame) -> CanFrame:
+        """A frame received from SocketCAN, as the driver sees it."""
         extended = bool(frame.can_id & CAN_EFF_FLAG)
         rtr = bool(frame.can_id & CAN_RTR_FLAG)
         can_id = frame.can_id & (CAN_EFF_MASK if extended else CAN_SFF_MASK)
@@ -252,6 +255,7 @@ class CanBackend(VhostUserBackend):
         self.link.attach(self)
 
     def close(self) -> None:
+        """Leave the bus / close the host link (the command and the fixtures call it at the end)."""
         self.unregister_fd(self._rx_consumer.fileno())
         self._rx_consumer.close()
         self._rx_notifier.close()
@@ -452,6 +456,7 @@ Flags follow rust-vmm's vhost-device-can."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``vhostuser can`` options: the back-end conventions' flags plus the device's own."""
     from .common import add_backend_arguments
 
     add_backend_arguments(parser)
@@ -470,6 +475,7 @@ def interfaces(spec: str | None, count: int) -> Sequence[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve ``vhostuser can`` as parsed into ``args`` until SIGTERM/SIGINT; the exit status."""
     import sys
 
     from .common import capabilities, serve_backends

@@ -61,6 +61,7 @@ class RngBackend(VhostUserBackend):
         self.exhausted = False
 
     def close(self) -> None:
+        """Release the source file and the rate limiter's timer (the fixture and the command call it at the end)."""
         if self._timer is not None:
             self._timer.cancel()
         os.close(self._fd)
@@ -142,6 +143,7 @@ Flags follow rust-vmm's vhost-device-rng, so the two are interchangeable."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``vhostuser rng`` options: the back-end conventions' flags plus rust-vmm's ``--rng-source``, ``--period``, ``--max-bytes``."""
     from .common import add_backend_arguments
 
     add_backend_arguments(parser)
@@ -154,6 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve ``vhostuser rng`` as parsed into ``args`` until SIGTERM/SIGINT; the exit status."""
     from .common import capabilities, serve_backends
 
     return serve_backends(

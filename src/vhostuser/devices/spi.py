@@ -92,6 +92,7 @@ class SpiConfig:
     max_cs_inactive_ns: int = 0
 
     def pack(self) -> bytes:
+        """The config space bytes (``struct virtio_spi_config``, little-endian)."""
         return CONFIG.pack(self.cs_max_number, self.cs_change_supported, self.tx_nbits_supported,
                            self.rx_nbits_supported, self.bits_per_word_mask, self.mode_func_supported,
                            self.max_freq_hz, self.max_word_delay_ns, self.max_cs_setup_ns, self.max_cs_hold_ns,
@@ -99,6 +100,7 @@ class SpiConfig:
 
     @classmethod
     def unpack(cls, raw: bytes) -> SpiConfig:
+        """Parse a ``struct virtio_spi_config``."""
         return cls(*CONFIG.unpack(raw))
 
 
@@ -119,12 +121,14 @@ class TransferHead:
     cs_change_delay_inactive_ns: int = 0
 
     def pack(self) -> bytes:
+        """The request header bytes (``struct virtio_spi_transfer_head``)."""
         return HEAD.pack(self.chip_select_id, self.bits_per_word, self.cs_change, self.tx_nbits, self.rx_nbits,
                          self.mode, self.freq, self.word_delay_ns, self.cs_setup_ns, self.cs_delay_hold_ns,
                          self.cs_change_delay_inactive_ns)
 
     @classmethod
     def unpack(cls, raw: bytes) -> TransferHead:
+        """Parse a ``struct virtio_spi_transfer_head`` (from the start of ``raw``)."""
         return cls(*HEAD.unpack_from(raw))
 
 
@@ -312,6 +316,7 @@ class SpiBackend(VhostUserBackend):
         self.config_space = self.config.pack()
 
     def close(self) -> None:
+        """Close the chip-select devices (the command and the fixtures call it at the end)."""
         for d in self.devices:
             d.close()
 
@@ -427,6 +432,7 @@ QEMU 7.2 has no virtio-spi front-end; a newer QEMU's generic vhost-user-device-p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``vhostuser spi`` options: the back-end conventions' flags plus the device's own."""
     from .common import add_backend_arguments
 
     add_backend_arguments(parser)
@@ -462,6 +468,7 @@ def make_devices(host_device: str | None, simulate: Sequence[str]) -> list[SpiDe
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve ``vhostuser spi`` as parsed into ``args`` until SIGTERM/SIGINT; the exit status."""
     from .common import capabilities, serve_backends
 
     def make(i: int) -> SpiBackend:

@@ -24,13 +24,23 @@ Checks (``CHECKS``, in order):
   them or drop the connection, and accept a new connection afterwards (an
   unknown request code, a short payload, a missing fd are required; a wrong
   protocol version and an out-of-range vring index are optional: warnings).
+
+A back-end the checker started itself (:class:`BackendProcess`, ``--exec``) is
+watched: when it exits, the check that was running fails with "back-end exited
+(status N)" and the rest are reported as not run.  With ``restart_each`` a
+fresh process serves every check (for back-ends that serve one session and
+exit, like QEMU's virtiofsd).
 """
 from __future__ import annotations
 
 import logging
+import os
 import select
+import shlex
+import signal
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,7 +53,8 @@ from ..protocol.message import VirtioFeatures as VF
 from .device_profiles import PROFILES, DeviceProfile
 from .frontend import FrontendOptions, MockFrontend
 
-__all__ = ["CheckResult", "CheckSkipped", "CheckContext", "CHECKS", "run_checks", "format_report"]
+__all__ = ["CheckResult", "CheckSkipped", "CheckContext", "BackendProcess", "CHECKS", "CHECK_NAMES", "run_checks",
+           "conforms", "format_result", "format_report", "results_json"]
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +69,24 @@ class CheckSkipped(Exception):
 class CheckResult:
     """One check's outcome."""
 
+    #: the check's name (``handshake``, ``device-blk``, ...)
     name: str
-    status: str  # "pass" | "fail" | "skip"
+    #: ``"pass"``, ``"fail"``, ``"skip"`` (does not apply) or ``"not run"`` (the back-end exited)
+    status: str
+    #: whether a failure makes the back-end non-conforming (else it is a warning)
     required: bool
+    #: what was observed, or why it failed / was skipped
     detail: str = ""
+    #: how long the check took
     seconds: float = 0.0
+    #: the exit status of a back-end process (``--exec``) found gone during or before the check
+    backend_exit: int | None = None
 
     @property
     def ok(self) -> bool:
-        """Passed, skipped, or failed but optional."""
+        """Passed, skipped, or failed but optional (a required check not run is not ok)."""
+        if self.status == "not run":
+            return not self.required
         return self.status != "fail" or not self.required
 
 
@@ -105,6 +125,84 @@ class CheckContext:
             problem = p.check(first + k, u)
             if problem:
                 raise AssertionError(problem)
+
+
+class BackendProcess:
+    """A back-end command the checker starts itself (``vhostuser check --exec``).
+
+    ``command`` is a shell-like command line in which ``{socket}`` is replaced
+    by ``socket_path``.  :meth:`start` runs it (in its own session) and waits up
+    to ``timeout`` seconds for the socket to appear; :meth:`stop` ends it
+    (SIGTERM, then SIGKILL); :meth:`exit_status` tells whether it has exited.
+    Use it as a context manager.
+
+    Raises:
+        RuntimeError: from :meth:`start`, when the process exits or does not
+            create its socket in time (the message carries its stderr).
+        OSError: from :meth:`start`, when the command cannot be executed.
+    """
+
+    def __init__(self, command: str, socket_path: str | os.PathLike[str], timeout: float = 10.0) -> None:
+        self.socket_path = os.fspath(socket_path)
+        self.argv = [a.replace("{socket}", self.socket_path) for a in shlex.split(command)]
+        self.timeout = timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: how many times the process was started
+        self.starts = 0
+
+    def start(self) -> None:
+        """Start the command and wait for its socket (stopping a previous instance first)."""
+        self.stop()
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        log.info("starting %s", self.argv)
+        proc = self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, start_new_session=True)
+        self.starts += 1
+        deadline = time.monotonic() + self.timeout
+        while not os.path.exists(self.socket_path):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                self.stop()
+                raise RuntimeError(f"the back-end exited with status {proc.returncode}: {err.strip()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the back-end did not create {self.socket_path} within {self.timeout}s")
+            time.sleep(0.02)  # another process creating its socket: nothing to poll on
+
+    def exit_status(self, wait: float = 0.0) -> int | None:
+        """The exit status if the process has exited (waiting up to ``wait`` s), else None."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(wait) if wait > 0 else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        """End the process if it runs and release its pipe (idempotent)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def __enter__(self) -> BackendProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # ==================================================================== checks
@@ -397,47 +495,114 @@ CHECKS: list[tuple[str, Callable[[CheckContext], str], bool]] = [
 ]
 
 
-def run_checks(socket_path: str, *, device: str | None = None, options: FrontendOptions | None = None,
+#: every name ``only`` may contain (``device`` selects ``device-<class>``)
+CHECK_NAMES: tuple[str, ...] = tuple(name for name, _, _ in CHECKS)
+
+
+def run_checks(socket_path: str | os.PathLike[str], *, device: str | None = None, options: FrontendOptions | None = None,
                timeout: float = 5.0, only: Sequence[str] | None = None,
-               progress: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
-    """Run the checks against the back-end at ``socket_path``; ``device`` names a
-    profile (``rng``, ``blk``, ``echo``).  A failing ``handshake`` stops the run."""
+               progress: Callable[[CheckResult], None] | None = None,
+               backend: BackendProcess | None = None, restart_each: bool = False) -> list[CheckResult]:
+    """Run the checks against the back-end at ``socket_path``.
+
+    Args:
+        socket_path: where the back-end listens.
+        device: a device profile (``rng``, ``blk``, ``echo``) for the device-class checks.
+        options: the mock front-end's options (default: 64-entry rings, two small regions).
+        timeout: seconds to wait for any reply or used buffer.
+        only: run just these checks (names from :data:`CHECK_NAMES`, ``device`` or
+            ``device-<class>``); the facts they need (offered features) are still
+            gathered with a handshake first.
+        progress: called with each result as soon as it is known.
+        backend: the back-end process, when the checker started it: its exit is
+            reported as such and ends the run (the rest are "not run").
+        restart_each: with ``backend``, start a fresh back-end for every check.
+
+    A failing ``handshake`` stops the run.
+
+    Raises:
+        ValueError: ``only`` names a check that does not exist, or ``restart_each``
+            is given without ``backend``.
+    """
+    if only is not None:
+        unknown = [n for n in only if n not in CHECK_NAMES and not n.startswith("device")]
+        if unknown:
+            raise ValueError(f"unknown check {', '.join(unknown)}; the checks are {', '.join(CHECK_NAMES)}")
+    if restart_each and backend is None:
+        raise ValueError("restart_each needs the back-end process (backend=)")
     profile = PROFILES[device]() if device else None
     base = options or FrontendOptions(queue_size=64, memory=((0, 2 << 20), (4 << 20, 2 << 20)),
                                       data_size=128 << 10, timeout=timeout, reply_timeout=timeout)
     if profile is not None:
         base = profile.options(base)
-    ctx = CheckContext(socket_path, base, profile, timeout)
-    results: list[CheckResult] = []
+    ctx = CheckContext(os.fspath(socket_path), base, profile, timeout)
+    selected = []
     for name, fn, required in CHECKS:
         if name == "device" and profile is not None:
             name = f"device-{profile.name}"
         if only and name not in only and not (name.startswith("device") and "device" in only):
             continue
+        selected.append((name, fn, required))
+    if only and "handshake" not in only:
+        # the facts later checks rely on (offered protocol features) come from the handshake
+        selected.insert(0, ("handshake", check_handshake, True))
+        reported: set[str] | None = set(only)
+    else:
+        reported = None
+
+    results: list[CheckResult] = []
+
+    def record(result: CheckResult) -> None:
+        log.info("check %s: %s %s", result.name, result.status, result.detail)
+        if reported is None or result.name in reported or result.name.startswith("device") and "device" in reported \
+                or result.status != "pass":
+            results.append(result)
+            if progress is not None:
+                progress(result)
+
+    for k, (name, fn, required) in enumerate(selected):
         t0 = time.monotonic()
+        exited: int | None = None
         try:
+            if backend is not None and restart_each:
+                backend.start()
             detail = fn(ctx)
             status = "pass"
         except CheckSkipped as exc:
             status, detail = "skip", str(exc)
-        except (AssertionError, VhostUserError, OSError, TimeoutError) as exc:
+        except (AssertionError, VhostUserError, OSError, TimeoutError, RuntimeError) as exc:
             status = "fail"
             detail = str(exc) or type(exc).__name__
             if not isinstance(exc, AssertionError):
                 detail = f"{type(exc).__name__}: {detail}"
-        result = CheckResult(name, status, required, detail, time.monotonic() - t0)
-        log.info("check %s: %s %s", name, status, detail)
-        results.append(result)
-        if progress is not None:
-            progress(result)
+            if backend is not None:
+                exited = backend.exit_status(wait=1.0)
+                if exited is not None:
+                    detail = f"back-end exited (status {exited}); {detail}"
+        if backend is not None and exited is None and not restart_each:
+            exited = backend.exit_status()  # passed, yet gone afterwards: the next checks cannot run
+        record(CheckResult(name, status, required, detail, time.monotonic() - t0,
+                           backend_exit=exited if status != "pass" else None))
         if name == "handshake" and status == "fail":
             break
+        if exited is not None and not restart_each:
+            for rest, _, rest_required in selected[k + 1:]:
+                record(CheckResult(rest, "not run", rest_required, f"back-end exited (status {exited})",
+                                   backend_exit=exited))
+            break
+    if backend is not None and restart_each:
+        backend.stop()
     return results
+
+
+def conforms(results: Sequence[CheckResult]) -> bool:
+    """Every required check passed (or did not apply), and at least one check passed."""
+    return bool(results) and all(r.ok for r in results) and any(r.status == "pass" for r in results)
 
 
 def format_result(r: CheckResult) -> str:
     """One report line."""
-    mark = {"pass": "PASS", "skip": "SKIP", "fail": "FAIL" if r.required else "WARN"}[r.status]
+    mark = {"pass": "PASS", "skip": "SKIP", "fail": "FAIL" if r.required else "WARN", "not run": "----"}[r.status]
     return f"{mark:4}  {r.name:28} {r.detail}"
 
 
@@ -446,13 +611,26 @@ def format_report(results: Sequence[CheckResult]) -> str:
     lines = [format_result(r) for r in results]
     passed = sum(r.status == "pass" for r in results)
     failed = sum(r.status == "fail" and r.required for r in results)
+    # failures only because the process had gone: the run is incomplete, not a verdict
+    real_failures = sum(r.status == "fail" and r.required and r.backend_exit is None for r in results)
     warned = sum(r.status == "fail" and not r.required for r in results)
     skipped = sum(r.status == "skip" for r in results)
-    verdict = "CONFORMS" if failed == 0 else "DOES NOT CONFORM"
-    lines.append(f"{passed} passed, {failed} failed, {warned} warnings, {skipped} skipped: {verdict}")
+    not_run = sum(r.status == "not run" for r in results)
+    if conforms(results):
+        verdict = "CONFORMS"
+    elif real_failures:
+        verdict = "DOES NOT CONFORM"
+    elif failed or not_run:
+        verdict = "INCOMPLETE (the back-end exited)"
+    else:
+        verdict = "NOTHING CHECKED (no check passed)"
+    counts = f"{passed} passed, {failed} failed, {warned} warnings, {skipped} skipped"
+    if not_run:
+        counts += f", {not_run} not run"
+    lines.append(f"{counts}: {verdict}")
     return "\n".join(lines)
 
 
 def results_json(results: Sequence[CheckResult]) -> dict[str, Any]:
     """Machine-readable results."""
-    return {"ok": all(r.ok for r in results), "checks": [asdict(r) for r in results]}
+    return {"ok": conforms(results), "checks": [asdict(r) for r in results]}

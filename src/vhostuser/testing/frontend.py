@@ -1019,9 +1019,11 @@ class LoadStats:
 
     @property
     def requests_per_second(self) -> float:
+        """Completed requests per second of the run (0 if it took no time)."""
         return self.requests / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
+        """The counters as a JSON-ready dict, ``requests_per_second`` included."""
         d = dataclasses.asdict(self)
         d["requests_per_second"] = self.requests_per_second
         return d
@@ -1066,14 +1068,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_load_in_subprocess(socket_path: str, *, count: int = 10000, readable: int = 64, writable: int = 64,
+def run_load_in_subprocess(socket_path: str | os.PathLike[str], *, count: int = 10000, readable: int = 64, writable: int = 64,
                            batch: int = 64, queue: int = 0, queue_size: int = 256, packed: bool = False,
                            timeout: float = 60.0) -> dict[str, Any]:
     """Run the load generator in a separate Python process (so it does not share
     the GIL with an in-process back-end); returns its :class:`LoadStats` as a dict."""
     import subprocess  # noqa: PLC0415
 
-    cmd = [sys.executable, "-m", "vhostuser.testing.frontend", "--socket-path", socket_path,
+    cmd = [sys.executable, "-m", "vhostuser.testing.frontend", "--socket-path", os.fspath(socket_path),
            "--count", str(count), "--readable", str(readable), "--writable", str(writable),
            "--batch", str(batch), "--queue", str(queue), "--queue-size", str(queue_size)]
     if packed:

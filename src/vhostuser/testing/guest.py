@@ -56,6 +56,9 @@ from vhostuser.errors import VhostUserError
 __all__ = [
     "GuestError",
     "GuestPrerequisiteError",
+    "GuestUnsupportedDeviceError",
+    "TCG_UNSUPPORTED",
+    "check_tcg_support",
     "GuestKernelError",
     "GuestBootError",
     "GuestTimeout",
@@ -92,6 +95,11 @@ class GuestError(VhostUserError):
 
 class GuestPrerequisiteError(GuestError):
     """A host tool the rig needs is missing; the message names the Debian package."""
+
+
+class GuestUnsupportedDeviceError(GuestError):
+    """QEMU cannot run this vhost-user device under TCG (the rig never has KVM):
+    raised before anything is booted.  See :data:`TCG_UNSUPPORTED`."""
 
 
 class GuestKernelError(GuestError):
@@ -164,6 +172,31 @@ VHOST_USER_KINDS: dict[str, str] = {
     "i2c": "vhost-user-i2c-pci",
     "net": "virtio-net-pci",
 }
+
+#: vhost-user devices QEMU refuses to realize without KVM, with the reason.  The
+#: rig always runs TCG, so asking for one fails up front
+#: (:class:`GuestUnsupportedDeviceError`) instead of after a boot attempt.  QEMU 7.2
+#: exits with "vhost initialization failed: requires kvm" for both; test such a
+#: back-end with the mock front-end (:class:`vhostuser.testing.MockFrontend`).
+TCG_UNSUPPORTED: dict[str, str] = {
+    "vhost-user-input-pci": "QEMU 7.2 realizes vhost-user-input only with KVM "
+                            "(\"vhost initialization failed: requires kvm\")",
+    "vhost-user-gpu-pci": "QEMU 7.2 realizes vhost-user-gpu only with KVM "
+                          "(\"vhost initialization failed: requires kvm\")",
+}
+
+
+def check_tcg_support(devices: Sequence[VhostUserDevice | str]) -> None:
+    """Raise :class:`GuestUnsupportedDeviceError` if a device in ``devices`` (a
+    :class:`VhostUserDevice` or a raw ``-device`` string) cannot run under TCG."""
+    for dev in devices:
+        driver = dev.driver if isinstance(dev, VhostUserDevice) else _device_driver(dev)
+        reason = TCG_UNSUPPORTED.get(driver)
+        if reason:
+            raise GuestUnsupportedDeviceError(
+                f"{driver}: {reason}; the guest rig runs QEMU under TCG (no KVM), so it cannot boot this "
+                "device. Test the back-end with vhostuser.testing.MockFrontend instead (docs/guest-rig.md)")
+
 
 #: Host tool -> Debian package that provides it.
 _TOOLS: dict[str, str] = {
@@ -390,7 +423,7 @@ def _download(package: str, dest: Path) -> Path:
     )
 
 
-def fetch_kernel(package: str | None = None, *, cache: Path | None = None) -> Kernel:
+def fetch_kernel(package: str | None = None, *, cache: str | os.PathLike[str] | None = None) -> Kernel:
     """Return the unpacked guest kernel, downloading it into the cache if needed.
 
     ``package`` defaults to what ``linux-image-amd64`` depends on.  If apt cannot
@@ -400,7 +433,7 @@ def fetch_kernel(package: str | None = None, *, cache: Path | None = None) -> Ke
     (except for ``apt-get update``, run only when apt does not know the package).
     Safe to call concurrently from several processes (flock).
     """
-    cache = cache or cache_dir()
+    cache = Path(cache) if cache is not None else cache_dir()
     if package is None:
         try:
             package = resolve_kernel_package()
@@ -619,7 +652,7 @@ def build_initramfs(
     extra_files: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     *,
     kernel: Kernel | None = None,
-    cache: Path | None = None,
+    cache: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Build (or reuse) an initramfs that runs ``script`` and return its path.
 
@@ -658,7 +691,7 @@ def build_initramfs(
     for guest_path in sorted(files):
         data, mode = files[guest_path]
         h.update(guest_path.encode() + b"\0" + str(mode).encode() + b"\0" + hashlib.sha256(data).digest())
-    out_dir = (cache or cache_dir()) / "initramfs"
+    out_dir = (Path(cache) if cache is not None else cache_dir()) / "initramfs"
     out = out_dir / f"{h.hexdigest()[:32]}.cpio.gz"
     if out.exists():
         os.utime(out)  # keep it from being pruned
@@ -720,7 +753,7 @@ class VhostUserDevice:
     7.2).  For ``fs`` a ``tag=vhostuser`` is added unless ``extra`` has a tag.
 
     The back-end must already listen when QEMU starts (QEMU is the client and,
-    for rng/vsock/fs, fails or hangs otherwise; see QEMU-7.2-FACTS.md).
+    for rng/vsock/fs, fails or hangs otherwise: see ``docs/guest-rig.md``).
     """
 
     kind: str
@@ -1052,7 +1085,10 @@ def prepare_boot(
 
     Several QEMUs booted from the same pair run the same guest, which is what a
     live migration needs (see :mod:`vhostuser.testing.migration`).
+    Raises :class:`GuestUnsupportedDeviceError` first for a device QEMU cannot run
+    under TCG.
     """
+    check_tcg_support(devices)
     check_prerequisites()
     kernel = kernel or fetch_kernel()
     wanted: list[str] = []
@@ -1104,7 +1140,7 @@ def start_guest(
     machine: str = "q35",
     append: str = "",
     kernel: Kernel | None = None,
-    workdir: Path | None = None,
+    workdir: str | os.PathLike[str] | None = None,
 ) -> GuestProcess:
     """Boot a guest that runs ``script`` (busybox ``sh``) and return at once.
 
@@ -1113,6 +1149,10 @@ def start_guest(
     :data:`DEVICE_MODULES`).  ``timeout`` counts from now.  ``workdir`` (kept
     afterwards) receives the console log and QEMU's stderr; by default a
     temporary directory is used and removed.
+
+    Raises :class:`GuestUnsupportedDeviceError` at once for a device QEMU cannot
+    run under TCG (:data:`TCG_UNSUPPORTED`), :class:`GuestPrerequisiteError` for a
+    missing host tool, :class:`GuestKernelError` if no guest kernel can be had.
     """
     kernel, initramfs = prepare_boot(script, devices=devices, modules=modules, extra_files=extra_files,
                                      kernel=kernel)
@@ -1120,6 +1160,7 @@ def start_guest(
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="vhostuser-guest-"))
     else:
+        workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
     console_path = workdir / "console.log"
     cmd = qemu_command(kernel, initramfs, devices=devices, memory=memory, cpus=cpus, machine=machine,
@@ -1145,7 +1186,7 @@ def run_guest(
     machine: str = "q35",
     append: str = "",
     kernel: Kernel | None = None,
-    workdir: Path | None = None,
+    workdir: str | os.PathLike[str] | None = None,
 ) -> GuestResult:
     """Boot a guest, run ``script`` in it, wait for power-off, return the result.
 
@@ -1174,6 +1215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run", help="boot a guest and run a shell script in it")
     r.add_argument("script", help="shell code to run in the guest")
     r.add_argument("--device", action="append", default=[], help="raw -device string (repeatable)")
+    r.add_argument("--vhost-user", action="append", default=[], metavar="KIND=SOCKET",
+                   help="a vhost-user device whose back-end listens on SOCKET, e.g. rng=/tmp/rng.sock (repeatable)")
     r.add_argument("--module", action="append", default=[], help="extra guest module (repeatable)")
     r.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args(argv)
@@ -1187,7 +1230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             k = fetch_kernel(args.package)
             out.write(f"{k.package} {k.version}\n{k.vmlinuz}\n{k.modules_dir}\n")
         else:
-            res = run_guest(args.script, devices=args.device, modules=args.module, timeout=args.timeout)
+            devices: list[VhostUserDevice | str] = list(args.device)
+            for spec in args.vhost_user:
+                kind, sep, path = spec.partition("=")
+                if not sep or not kind or not path:
+                    parser.error(f"--vhost-user wants KIND=SOCKET, not {spec!r}")
+                devices.append(VhostUserDevice(kind, path))
+            res = run_guest(args.script, devices=devices, modules=args.module, timeout=args.timeout)
             out.write(res.output)
             out.write(f"\n[status {res.status}, {res.duration:.1f} s, script started at guest uptime {res.script_start} s]\n")
             return res.status

@@ -73,6 +73,7 @@ class VirtioInputDriver:
         return self.fe.get_config(UNION_OFFSET, size) if size else b""
 
     def probe(self) -> ProbedDevice:
+        """Read the device's config space the way the Linux driver does at probe (name, serial, ids, the event bits and axes); the result, also kept as ``self.device``."""
         d = self.device
         d.name = self._union(self.cfg_select(ConfigSelect.ID_NAME, 0)).decode(errors="replace")
         d.serial = self._union(self.cfg_select(ConfigSelect.ID_SERIAL, 0)).decode(errors="replace")

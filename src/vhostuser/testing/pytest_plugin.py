@@ -60,7 +60,7 @@ class BackendServer:
         self.daemons: list[VhostUserDaemon] = []
         self._count = 0
 
-    def __call__(self, backend: VhostUserBackend, *, mode: str = "server", path: str | None = None,
+    def __call__(self, backend: VhostUserBackend, *, mode: str = "server", path: str | os.PathLike[str] | None = None,
                  name: str | None = None) -> str:
         """Serve ``backend``; returns the socket path.
 
@@ -69,8 +69,7 @@ class BackendServer:
         must listen there: :meth:`MockFrontend.listen`) and reconnects.
         """
         self._count += 1
-        if path is None:
-            path = os.path.join(self.directory, f"vhost{self._count}.sock")
+        path = os.path.join(self.directory, f"vhost{self._count}.sock") if path is None else os.fspath(path)
         daemon = VhostUserDaemon(name or f"{type(backend).__name__.lower()}{self._count}", backend)
         self.daemons.append(daemon)
         if mode == "server":
@@ -158,7 +157,7 @@ def mock_frontend_factory() -> Iterator[Callable[..., MockFrontend]]:
     """``connect(path, options=None, **overrides) -> MockFrontend``; closed at teardown."""
     made: list[MockFrontend] = []
 
-    def connect(path: str, options: FrontendOptions | None = None, **overrides: Any) -> MockFrontend:
+    def connect(path: str | os.PathLike[str], options: FrontendOptions | None = None, **overrides: Any) -> MockFrontend:
         fe = MockFrontend.connect(path, options, **overrides)
         made.append(fe)
         return fe

@@ -69,11 +69,13 @@ class VirtioSndDriver:
         return code, used.data[4:used.length]
 
     def query(self, code: Code, count: int, item: struct.Struct) -> list[tuple]:
+        """A control request ``code`` for ``count`` items of ``item``'s layout; the unpacked items (asserts the device answered S_OK)."""
         status, data = self.control(struct.pack("<IIII", code, 0, count, item.size), count * item.size)
         assert status == Code.S_OK, f"{code.name}: status {status:#x}"
         return [item.unpack_from(data, i * item.size) for i in range(count)]
 
     def probe(self) -> Probed:
+        """Read the config and query the jacks, streams and channel maps, as the Linux driver does at probe; the result."""
         jacks, streams, chmaps = CONFIG.unpack(self.fe.get_config(0, CONFIG.size))
         if jacks:
             self.probed.jacks = self.query(Code.R_JACK_INFO, jacks, JACK_INFO)
@@ -87,10 +89,12 @@ class VirtioSndDriver:
         return self.probed
 
     def pcm(self, code: Code, stream_id: int) -> int:
+        """Send the PCM control request ``code`` (prepare, start, stop, release) for ``stream_id``; the status code."""
         return self.control(struct.pack("<II", code, stream_id))[0]
 
     def set_params(self, stream_id: int, *, buffer_bytes: int, period_bytes: int, channels: int = 2,
                    fmt: Format = Format.S16, rate: int = 48000, features: int = 0) -> int:
+        """VIRTIO_SND_R_PCM_SET_PARAMS for ``stream_id``; the status code."""
         return self.control(PCM_SET_PARAMS.pack(Code.R_PCM_SET_PARAMS, stream_id, buffer_bytes, period_bytes,
                                                 features, channels, fmt, RATE_INDEX[rate]))[0]
 

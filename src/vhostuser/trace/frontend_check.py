@@ -51,11 +51,14 @@ _GROUPS: dict[str, tuple[str, ...]] = {
 class Launched(Protocol):
     """A running front-end (``subprocess.Popen`` fits)."""
 
-    def poll(self) -> int | None: ...
+    def poll(self) -> int | None:
+        """The exit status if the front-end has exited, else None."""
 
-    def kill(self) -> None: ...
+    def kill(self) -> None:
+        """Kill the front-end."""
 
-    def wait(self, timeout: float | None = None) -> int: ...
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the front-end to exit (up to ``timeout`` s); its exit status."""
 
 
 @contextlib.contextmanager

@@ -137,13 +137,18 @@ class ChainLike(Protocol):
     """What the engine needs of a request (a :class:`~vhostuser.virtqueue.DescriptorChain`)."""
 
     @property
-    def readable_len(self) -> int: ...
+    def readable_len(self) -> int:
+        """Total bytes of the device-readable buffers."""
+
     @property
-    def writable_len(self) -> int: ...
+    def writable_len(self) -> int:
+        """Total bytes of the device-writable buffers."""
 
-    def reader(self) -> Any: ...
+    def reader(self) -> Any:
+        """A reader over the device-readable buffers."""
 
-    def writer(self) -> Any: ...
+    def writer(self) -> Any:
+        """A writer over the device-writable buffers."""
 
 
 @dataclass

@@ -359,6 +359,7 @@ class BlockImage:
     # -------------------------------------------------------------- lifecycle
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closed
 
     def close(self) -> None:

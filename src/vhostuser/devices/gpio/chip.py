@@ -58,19 +58,23 @@ class SimulatedChip:
 
     @property
     def ngpio(self) -> int:
+        """Number of GPIO lines."""
         return len(self.lines)
 
     @property
     def names(self) -> list[str]:
+        """The lines' names (config space ``gpio_names``), by line number."""
         return [line.name for line in self.lines]
 
     def line(self, gpio: int) -> Line:
+        """Line ``gpio``; :class:`GpioError` if the chip has no such line."""
         if not 0 <= gpio < len(self.lines):
             raise GpioError(f"line {gpio} outside 0..{len(self.lines) - 1}")
         return self.lines[gpio]
 
     # ------------------------------------------------------- guest requests
     def set_direction(self, gpio: int, direction: int) -> None:
+        """Set line ``gpio``'s direction (none, output, input); :class:`GpioError` for a bad line or value."""
         try:
             d = Direction(direction)
         except ValueError:
@@ -78,12 +82,14 @@ class SimulatedChip:
         self.line(gpio).direction = d
 
     def set_value(self, gpio: int, value: int) -> None:
+        """Drive output line ``gpio`` to ``value`` (0 or 1); :class:`GpioError` otherwise."""
         if value not in (0, 1):
             raise GpioError(f"value {value} is not 0 or 1")
         # Linux sets the value before switching a line to output: latch it in any direction
         self.line(gpio).output = value
 
     def set_irq_type(self, gpio: int, irq_type: int) -> None:
+        """Set line ``gpio``'s interrupt trigger (none, edges, levels); :class:`GpioError` for a bad line or type."""
         try:
             t = IrqType(irq_type)
         except ValueError:

@@ -108,6 +108,7 @@ class ControlServer:
         raise GpioError(f"no line {text!r}")
 
     def describe(self, gpio: int) -> str:
+        """One line's state as the control socket reports it (name, direction, value, irq)."""
         line = self.backend.chip.line(gpio)
         return (f"{gpio} {line.name or '-'} dir={Direction(line.direction).name.lower()} value={line.value} "
                 f"irq={IrqType(line.irq_type).name.lower()}")
@@ -132,6 +133,7 @@ class ControlServer:
         return "error: commands are 'set LINE 0|1', 'get LINE', 'list'"
 
     def close(self) -> None:
+        """Close every control connection and the listening socket."""
         for token in list(self._conns):
             self._drop(token)
         self.backend.unregister_fd(self.listener.fileno())

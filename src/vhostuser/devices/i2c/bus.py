@@ -38,9 +38,11 @@ class SimulatedTarget:
     """A simulated device: :meth:`message` handles one message at a time."""
 
     def message(self, m: I2cMsg) -> bytes:
+        """Carry out one message; the bytes read (empty for a write)."""
         raise NotImplementedError
 
     def transfer(self, msgs: Sequence[I2cMsg]) -> list[bytes]:
+        """Carry out ``msgs`` in order; the bytes each returned."""
         out: list[bytes] = []
         for m in msgs:
             try:
@@ -50,6 +52,7 @@ class SimulatedTarget:
         return out
 
     def close(self) -> None:
+        """Release what the device holds (nothing by default)."""
         pass
 
 
@@ -78,6 +81,7 @@ class Eeprom(SimulatedTarget):
         self.pointer = 0
 
     def message(self, m: I2cMsg) -> bytes:
+        """Carry out one message on this simulated device; the bytes read (empty for a write)."""
         if m.read:
             return self._read(m.length)
         if len(m.data) >= self.addr_bytes:
@@ -109,6 +113,7 @@ class Eeprom(SimulatedTarget):
             self.pointer = (self.pointer + take) % self.size
 
     def close(self) -> None:
+        """Close the backing file (idempotent)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -140,6 +145,7 @@ class TemperatureSensor(SimulatedTarget):
         return value.to_bytes(2, "big")
 
     def message(self, m: I2cMsg) -> bytes:
+        """Carry out one message on this simulated device; the bytes read (empty for a write)."""
         with self._lock:
             if m.read:
                 reg = self._register(self.pointer)
@@ -170,12 +176,14 @@ class HostAdapter:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
 
     def transfer(self, msgs: Sequence[I2cMsg]) -> list[bytes]:
+        """Run ``msgs`` as one I2C_RDWR transaction on the host adapter; the bytes each read returned."""
         try:
             return i2c_rdwr(self.fd, msgs)
         except OSError as exc:
             raise I2cNack(f"{self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
+        """Close the host adapter (idempotent)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

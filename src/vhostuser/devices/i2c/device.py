@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 class I2cTarget(Protocol):
     """What sits at an address (see :mod:`.bus`)."""
 
-    def transfer(self, msgs: Sequence[I2cMsg]) -> list[bytes]: ...
+    def transfer(self, msgs: Sequence[I2cMsg]) -> list[bytes]:
+        """Run ``msgs`` as one transaction; the bytes each read returned."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the device."""
 
 
 @dataclass

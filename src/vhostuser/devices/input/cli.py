@@ -30,6 +30,7 @@ QEMU: -chardev socket,id=in0,path=/tmp/in.sock -device vhost-user-input-pci,char
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``vhostuser input`` options: the back-end conventions' flags plus the event source."""
     add_backend_arguments(parser, socket_count=False)
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--evdev-path", "--evdev", dest="evdev", metavar="PATH",
@@ -66,4 +67,5 @@ def build_backend(args: argparse.Namespace) -> InputBackend:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve ``vhostuser input`` as parsed into ``args`` until SIGTERM/SIGINT; the exit status."""
     return serve_backends("input", args, lambda i: build_backend(args), CAPABILITIES)

@@ -45,10 +45,12 @@ class InputEvent:
     value: int
 
     def pack(self) -> bytes:
+        """``struct virtio_input_event`` bytes (8, little-endian)."""
         return _EVENT.pack(self.type, self.code, self.value)
 
     @classmethod
     def unpack(cls, data: bytes) -> InputEvent:
+        """Parse a ``struct virtio_input_event``; :class:`ValueError` if ``data`` is too short."""
         if len(data) < EVENT_SIZE:
             raise ValueError(f"virtio_input_event needs {EVENT_SIZE} bytes, got {len(data)}")
         return cls(*_EVENT.unpack_from(data))
@@ -70,6 +72,7 @@ class AbsInfo:
     res: int = 0
 
     def pack(self) -> bytes:
+        """``struct virtio_input_absinfo`` bytes."""
         return struct.pack("<iiiii", self.min, self.max, self.fuzz, self.flat, self.res)
 
 
@@ -83,6 +86,7 @@ class DevIds:
     version: int = 0
 
     def pack(self) -> bytes:
+        """``struct virtio_input_devids`` bytes."""
         return struct.pack("<HHHH", self.bustype, self.vendor, self.product, self.version)
 
 
@@ -138,6 +142,7 @@ class InputConfig:
         return bytes([select & 0xFF, subsel & 0xFF, len(data)]) + bytes(5) + data.ljust(UNION_SIZE, b"\0")
 
     def supports(self, ev_type: int, code: int) -> bool:
+        """Whether the device reports event ``code`` of type ``ev_type``."""
         return code in self.events.get(ev_type, ())
 
 

@@ -77,6 +77,7 @@ class InputBackend(VhostUserBackend):
         self.register_fd(source.fileno(), SOURCE_TOKEN)
 
     def close(self) -> None:
+        """Unregister and close the event source (the command and the fixtures call it at the end)."""
         self.unregister_fd(self.source.fileno())
         self.source.close()
 

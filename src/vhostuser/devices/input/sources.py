@@ -54,20 +54,24 @@ class VirtualInput:
         self.leds: dict[int, bool] = {}
 
     def fileno(self) -> int:
+        """The fd that becomes readable when events are queued (the worker watches it)."""
         return self._consumer.fileno()
 
     def close(self) -> None:
+        """Release the wake-up event."""
         self._consumer.close()
         self._notifier.close()
 
     # ------------------------------------------------------------ device side
     def read_events(self) -> list[InputEvent] | None:
+        """The events queued since the last call."""
         self._consumer.consume()
         with self._lock:
             events, self._queued = self._queued, []
         return events
 
     def write_status(self, event: InputEvent) -> None:
+        """Record a status event from the guest (LED states end up in ``self.leds``)."""
         if event.type == codes.EV_LED:
             self.leds[event.code] = bool(event.value)
 
@@ -87,9 +91,11 @@ class VirtualInput:
         return [InputEvent(codes.EV_KEY, code, value), syn()]
 
     def press(self, key: str) -> None:
+        """Press ``key`` (a key name, e.g. ``"a"``, ``"enter"``); ValueError for an unknown one."""
         self.emit(self._key_events(codes.key_code(key), 1))
 
     def release(self, key: str) -> None:
+        """Release ``key``."""
         self.emit(self._key_events(codes.key_code(key), 0))
 
     def key(self, key: str) -> None:
@@ -111,12 +117,14 @@ class VirtualInput:
         self.emit(events)
 
     def button(self, name: str, down: bool) -> None:
+        """Press (``down``) or release the mouse button ``name``; ValueError for an unknown one."""
         code = codes.BUTTONS.get(name.lower())
         if code is None:
             raise ValueError(f"unknown button {name!r} (one of {', '.join(codes.BUTTONS)})")
         self.emit(self._key_events(code, int(down)))
 
     def click(self, name: str = "left") -> None:
+        """Press and release the mouse button ``name``."""
         self.button(name, True)
         self.button(name, False)
 
@@ -133,6 +141,7 @@ class VirtualInput:
             raise ValueError("a keyboard does not move")
 
     def wheel(self, clicks: int) -> None:
+        """Turn the wheel by ``clicks`` (negative: towards the user)."""
         self._check(codes.EV_REL, codes.REL_WHEEL)
         self.emit([InputEvent(codes.EV_REL, codes.REL_WHEEL, clicks), syn()])
 
@@ -204,9 +213,11 @@ class EvdevInput:
             raise
 
     def fileno(self) -> int:
+        """The evdev device's fd (the worker watches it)."""
         return self.fd
 
     def read_events(self) -> list[InputEvent] | None:
+        """The events the host device has produced since the last call (None at end of file)."""
         try:
             data = os.read(self.fd, 64 * evdev.EVENT_SIZE)
         except BlockingIOError:
@@ -220,7 +231,9 @@ class EvdevInput:
         return [InputEvent(t, c, v) for t, c, v in records]
 
     def write_status(self, event: InputEvent) -> None:
+        """Pass a status event from the guest (LED, ...) to the host device."""
         os.write(self.fd, evdev.encode_event(event.type, event.code, event.value))
 
     def close(self) -> None:
+        """Close the evdev device."""
         os.close(self.fd)

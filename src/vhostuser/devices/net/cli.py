@@ -41,6 +41,7 @@ CAPABILITIES = capabilities("net")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``vhostuser net`` options: the back-end conventions' flags plus the device's own."""
     add_backend_arguments(parser)
     dev = parser.add_argument_group("device")
     dev.add_argument("--mac", metavar="MAC",
@@ -73,6 +74,7 @@ def _mac_plus(mac: bytes, i: int) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve ``vhostuser net`` as parsed into ``args`` until SIGTERM/SIGINT; the exit status."""
     if args.print_capabilities:
         print_capabilities(CAPABILITIES)
         return 0

@@ -109,6 +109,7 @@ def parse_mac(text: str) -> bytes:
 
 
 def format_mac(mac: bytes) -> str:
+    """A MAC address as ``52:54:00:00:00:01``."""
     return ":".join(f"{b:02x}" for b in mac)
 
 

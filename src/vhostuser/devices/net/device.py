@@ -78,6 +78,7 @@ class NetStats:
     drops: Counter[str] = field(default_factory=Counter)
 
     def drop(self, reason: DropReason, n: int = 1) -> None:
+        """Count ``n`` frames dropped for ``reason``."""
         self.drops[reason.value] += n
 
 

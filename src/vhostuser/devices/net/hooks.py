@@ -34,6 +34,7 @@ from typing import Union
 
 
 class Direction(str, enum.Enum):
+    """Which way a frame crosses a port: into the switch from the port's guest, or out of it."""
     INGRESS = "ingress"  # from a port's guest into the switch
     EGRESS = "egress"    # from the switch out to a port's guest
 
@@ -108,6 +109,7 @@ class Scheduler:
         self._stopped = False
 
     def call_later(self, delay: float, fn: Callable[..., object], *args: object) -> None:
+        """Call ``fn(*args)`` after ``delay`` seconds on the scheduler's thread (ignored once stopped)."""
         with self._cond:
             if self._stopped:
                 return
@@ -118,6 +120,7 @@ class Scheduler:
             self._cond.notify()
 
     def pending(self) -> int:
+        """Calls scheduled and not yet made."""
         with self._cond:
             return len(self._heap)
 

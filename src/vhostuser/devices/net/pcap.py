@@ -45,11 +45,13 @@ class PcapWriter:
             self.frames += 1
 
     def flush(self) -> None:
+        """Write buffered packets to the file."""
         with self._lock:
             if not self._f.closed:
                 self._f.flush()
 
     def close(self) -> None:
+        """Flush and close the capture file (if this writer opened it)."""
         with self._lock:
             if self._owned and not self._f.closed:
                 self._f.close()

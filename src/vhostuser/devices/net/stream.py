@@ -57,6 +57,7 @@ class StreamPort:
 
     # ------------------------------------------------------------ switch -> peer
     def deliver(self, frame: bytes) -> bool:
+        """Send ``frame`` to the connected peer; False if none is connected or the send failed."""
         with self._lock:
             if self.conn is None:
                 self.drops["stream-no-peer"] += 1

@@ -36,7 +36,8 @@ DEFAULT_AGEING_TIME = 300.0
 class FrameSink(Protocol):
     """What the switch needs of a port's host side."""
 
-    def deliver(self, frame: bytes) -> bool: ...
+    def deliver(self, frame: bytes) -> bool:
+        """Hand ``frame`` to this port; False if it was dropped."""
 
 
 class NetBackendLike(FrameSink, Protocol):
@@ -110,6 +111,7 @@ class L2Switch:
         self._hooked = True
 
     def clear_hooks(self) -> None:
+        """Remove every hook (global and per port)."""
         for hooks in self._global_hooks.values():
             hooks.clear()
         for p in self.ports:

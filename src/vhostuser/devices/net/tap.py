@@ -65,6 +65,7 @@ class TapPort:
 
     # ------------------------------------------------------------ switch -> host
     def deliver(self, frame: bytes) -> bool:
+        """Write ``frame`` to the tap device; False if the write failed."""
         try:
             self.tap.write(_ZERO_HDR + frame)
         except BlockingIOError:

@@ -71,6 +71,7 @@ class ScmiBackend(VhostUserBackend):
         self._ticker.start()
 
     def close(self) -> None:
+        """Stop the sensor-update thread and unregister its event (the command and the fixtures call it at the end)."""
         self._stop.set()
         self._ticker.join()
         self.unregister_fd(self._consumer.fileno())

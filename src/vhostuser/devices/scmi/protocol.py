@@ -87,11 +87,13 @@ class Header:
     token: int = 0
 
     def pack(self) -> int:
+        """The 32-bit SCMI message header."""
         return ((self.message_id & 0xFF) | (self.message_type & 0x3) << 8 | (self.protocol_id & 0xFF) << 10
                 | (self.token & 0x3FF) << 18)
 
     @classmethod
     def unpack(cls, value: int) -> Header:
+        """Split a 32-bit SCMI message header into its fields."""
         return cls(protocol_id=(value >> 10) & 0xFF, message_id=value & 0xFF, message_type=(value >> 8) & 0x3,
                    token=(value >> 18) & 0x3FF)
 
@@ -102,6 +104,7 @@ def short_name(name: str) -> bytes:
 
 
 def u32s(*values: int) -> bytes:
+    """``values`` as consecutive little-endian u32s (each masked to 32 bits)."""
     return struct.pack(f"<{len(values)}I", *(v & 0xFFFFFFFF for v in values))
 
 

@@ -40,6 +40,7 @@ class LunSpec:
 
     @classmethod
     def parse(cls, text: str) -> LunSpec:
+        """Parse a ``--lun PATH[,OPTION...]`` argument."""
         path, _, opts = text.partition(",")
         if not path:
             raise ValueError(f"--lun {text!r}: no file")

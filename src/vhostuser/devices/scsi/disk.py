@@ -165,6 +165,7 @@ class ScsiDisk:
 
     @property
     def num_blocks(self) -> int:
+        """The LUN's size in logical blocks."""
         return self.image.size // self.block_size
 
     # --------------------------------------------------------------- dispatch

@@ -200,6 +200,7 @@ class VirtioScsiConfig:
     max_lun: int = 16383
 
     def pack(self) -> bytes:
+        """``struct virtio_scsi_config`` bytes."""
         return CONFIG.pack(self.num_queues, self.seg_max, self.max_sectors, self.cmd_per_lun,
                            self.event_info_size, self.sense_size, self.cdb_size, self.max_channel,
                            self.max_target, self.max_lun)

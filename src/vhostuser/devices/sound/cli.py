@@ -42,6 +42,7 @@ def _streams(text: str) -> set[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``vhostuser sound`` options: the back-end conventions' flags plus the host audio back-end."""
     add_backend_arguments(parser, socket_count=False)
     parser.add_argument("-b", "--backend", choices=("null", "file", "pulse"), default="null",
                         help="host audio back-end (default: null)")
@@ -78,4 +79,5 @@ def build_backend(args: argparse.Namespace) -> SoundBackend:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve ``vhostuser sound`` as parsed into ``args`` until SIGTERM/SIGINT; the exit status."""
     return serve_backends("sound", args, lambda i: build_backend(args), CAPABILITIES)

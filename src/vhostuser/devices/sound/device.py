@@ -94,6 +94,7 @@ class PcmStream:
 
     @property
     def direction(self) -> Direction:
+        """Output or input (from the stream's info)."""
         return self.info.direction
 
 
@@ -160,6 +161,7 @@ class SoundBackend(VhostUserBackend):
             s.host = self.host.open(s.id, s.direction, s.params)
 
     def describe_enabled(self) -> str:
+        """Which directions are enabled, e.g. ``output=on input=off`` (the control socket's answer)."""
         return " ".join(f"{d.name.lower()}={'on' if self.enabled[d] else 'off'}" for d in Direction)
 
     def command(self, line: str) -> str:
@@ -175,6 +177,7 @@ class SoundBackend(VhostUserBackend):
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
+        """Stop the pacing threads and close the host streams (the command and the fixtures call it at the end)."""
         for s in self.streams:
             self._stop_thread(s)
             self._close_host(s)

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class HostStream(Protocol):
+    """One open host-side stream of a PCM stream."""
+
     def write(self, data: bytes) -> None:
         """Play output frames."""
 
@@ -36,13 +38,16 @@ class HostStream(Protocol):
         """How far the host is behind, in bytes (0 if unknown)."""
 
     def close(self) -> None:
+        """Release the host stream."""
         ...
 
 
 class AudioHost(Protocol):
+    """Where sound goes to and comes from on the host (null, WAV file, PulseAudio)."""
     name: str
 
     def open(self, stream_id: int, direction: Direction, params: PcmParams) -> HostStream:
+        """Open the host side of stream ``stream_id`` with ``params``."""
         ...
 
 
@@ -73,6 +78,7 @@ class NullHost:
     name = "null"
 
     def open(self, stream_id: int, direction: Direction, params: PcmParams) -> HostStream:
+        """A stream that discards output and produces silence."""
         return _NullStream(params)
 
 
@@ -142,6 +148,7 @@ class FileHost:
         self.input_path = input_path
 
     def open(self, stream_id: int, direction: Direction, params: PcmParams) -> HostStream:
+        """A stream writing output to, or reading input from, the configured WAV file (silence without one)."""
         path = self.output_path if direction == Direction.OUTPUT else self.input_path
         if path is None:
             return _NullStream(params)

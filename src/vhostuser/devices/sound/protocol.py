@@ -42,6 +42,7 @@ class Code(enum.IntEnum):
 
 
 class Direction(enum.IntEnum):
+    """A PCM stream's direction (``VIRTIO_SND_D_OUTPUT`` / ``VIRTIO_SND_D_INPUT``)."""
     OUTPUT = 0
     INPUT = 1
 
@@ -85,14 +86,17 @@ EVENT = struct.Struct("<II")                 # hdr, data
 
 
 def status(code: int) -> bytes:
+    """A ``struct virtio_snd_hdr`` carrying status ``code``."""
     return HDR.pack(code)
 
 
 def pcm_status(code: int, latency_bytes: int = 0) -> bytes:
+    """A ``struct virtio_snd_pcm_status``."""
     return PCM_STATUS.pack(code, latency_bytes)
 
 
 def event(code: int, data: int) -> bytes:
+    """A ``struct virtio_snd_event``."""
     return EVENT.pack(code, data)
 
 
@@ -109,9 +113,11 @@ class PcmParams:
 
     @property
     def frame_bytes(self) -> int:
+        """Bytes per frame (all channels)."""
         return self.channels * SAMPLE_BYTES[self.format]
 
     def seconds(self, nbytes: int) -> float:
+        """How long ``nbytes`` of this stream play."""
         return nbytes / self.frame_bytes / self.rate
 
 
@@ -161,6 +167,7 @@ class StreamInfo:
     features: int = 1 << PCM_F_EVT_XRUNS
 
     def pack(self) -> bytes:
+        """``struct virtio_snd_pcm_info`` bytes."""
         fmts = sum(1 << f for f in self.formats)
         rates = sum(1 << RATE_INDEX[r] for r in self.rates)
         return PCM_INFO.pack(0, self.features, fmts, rates, self.direction, self.channels_min, self.channels_max)
@@ -179,6 +186,7 @@ class JackInfo:
     sequence: int = 0
 
     def pack(self) -> bytes:
+        """``struct virtio_snd_jack_info`` bytes."""
         return JACK_INFO.pack(0, self.features, self.hda_reg_defconf, self.hda_reg_caps, int(self.connected))
 
 
@@ -188,4 +196,5 @@ class ChmapInfo:
     positions: tuple[int, ...] = (CHMAP_FL, CHMAP_FR)
 
     def pack(self) -> bytes:
+        """``struct virtio_snd_chmap_info`` bytes."""
         return CHMAP_INFO.pack(0, self.direction, len(self.positions), bytes(self.positions))

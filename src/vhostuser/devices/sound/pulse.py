@@ -53,6 +53,7 @@ def _load() -> tuple[FFI, object, object]:
 
 
 class PulseError(OSError):
+    """A PulseAudio call failed (the message has pa_strerror's text)."""
     pass
 
 
@@ -88,20 +89,25 @@ class PulseStream:
             raise PulseError(f"PulseAudio {what}: {self._error(self._err[0])}")
 
     def write(self, data: bytes) -> None:
+        """Play output frames (blocks until PulseAudio took them)."""
         self._check(self._simple.pa_simple_write(self._pa, data, len(data), self._err), "write")  # type: ignore[attr-defined]
 
     def read(self, nbytes: int) -> bytes:
+        """Record ``nbytes`` of input (blocks until they are there)."""
         buf = self._ffi.new("char[]", nbytes)
         self._check(self._simple.pa_simple_read(self._pa, buf, nbytes, self._err), "read")  # type: ignore[attr-defined]
         return bytes(self._ffi.buffer(buf, nbytes))
 
     def flush(self) -> None:
+        """Drop what is buffered."""
         self._check(self._simple.pa_simple_flush(self._pa, self._err), "flush")  # type: ignore[attr-defined]
 
     def latency_bytes(self) -> int:
+        """Bytes buffered in PulseAudio (not tracked: 0)."""
         return 0
 
     def close(self) -> None:
+        """Free the PulseAudio stream (idempotent)."""
         if self._pa is not None:
             self._simple.pa_simple_free(self._pa)  # type: ignore[attr-defined]
             self._pa = None
@@ -121,6 +127,7 @@ class PulseHost:
         self.server, self.sink, self.source = server, sink, source
 
     def open(self, stream_id: int, direction: Direction, params: PcmParams) -> PulseStream:
+        """A PulseAudio playback or record stream for ``stream_id`` on the configured sink/source."""
         device = self.sink if direction == Direction.OUTPUT else self.source
         kind = "output" if direction == Direction.OUTPUT else "input"
         return PulseStream(self.server, device, direction, params, f"virtio-snd {kind} stream {stream_id}")

@@ -256,18 +256,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``vhost-user-vsock``-style console script)."""
-    parser = argparse.ArgumentParser(prog="vhost-user-vsock", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose <= 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        return 130
+    """Stand-alone entry point: ``vhostuser vsock ARGS`` (the same parser and help)."""
+    from ...cli import main as cli_main
+
+    return cli_main(["vsock", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -121,6 +121,7 @@ class VsockConnection:
     # ------------------------------------------------------------ identity
     @property
     def key(self) -> tuple[int, int]:
+        """``(local_port, peer_port)``: how the engine finds this connection."""
         return (self.local_port, self.peer_port)
 
     def __repr__(self) -> str:
@@ -392,6 +393,7 @@ class VsockConnection:
             self.shutdown_to_send |= SHUTDOWN_BOTH
 
     def has_rx_data(self) -> bool:
+        """Whether bytes from the host side wait to be sent to the guest."""
         return self.rx_buffered > 0
 
     def rx_pending(self) -> bool:

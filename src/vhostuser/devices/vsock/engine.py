@@ -110,6 +110,7 @@ class SiblingRegistry:
         self._engines: dict[int, VsockEngine] = {}
 
     def register(self, engine: VsockEngine) -> None:
+        """Add a device's engine under its guest CID. Raises :class:`~vhostuser.errors.VsockConfigError` if another device has that CID."""
         with self._lock:
             other = self._engines.get(engine.guest_cid)
             if other is not None and other is not engine:
@@ -117,11 +118,13 @@ class SiblingRegistry:
             self._engines[engine.guest_cid] = engine
 
     def unregister(self, engine: VsockEngine) -> None:
+        """Remove a device's engine (no-op if it is not the one registered under its CID)."""
         with self._lock:
             if self._engines.get(engine.guest_cid) is engine:
                 del self._engines[engine.guest_cid]
 
     def lookup(self, cid: int) -> VsockEngine | None:
+        """The engine of the sibling VM with guest CID ``cid``, or None."""
         with self._lock:
             return self._engines.get(cid)
 
@@ -612,6 +615,7 @@ class PollerWatcher:
         self._events: dict[int, int] = {}
 
     def set_interest(self, fd: int, events: int) -> None:
+        """Watch ``fd`` for ``events`` in the poller (0 stops watching)."""
         prev = self._events.get(fd, 0)
         if events == prev:
             return
