@@ -101,6 +101,9 @@ class Rig:
         writable = ([read_len] if read_len else []) + [1]
         length, written = self.submit(readable, writable)
         status = Status(self.last_status)
+        if status != Status.OK:  # the used length counts what was written: the status byte only
+            assert length == 1, (status, length)
+            return status, b""
         assert length == read_len + 1 and written[-1] == status
         return status, written[:-1]
 
@@ -221,6 +224,18 @@ def test_short_header_and_missing_status(rig: Rig, image_path: Path) -> None:
     assert length == 0
     assert rig.engine.stats.no_status == 1
     assert host_bytes(image_path, 0, 512) == bytes(512)  # not executed
+
+
+def test_used_length_counts_only_the_bytes_written(rig: Rig) -> None:
+    """Issue 10: a failed request reports 1 (its status byte), not the whole writable part."""
+    length, _ = rig.submit([hdr(T.IN, SECTORS)], [4096, 1])  # a read at capacity
+    assert (length, rig.last_status) == (1, Status.IOERR)
+    length, _ = rig.submit([hdr(0x7777, 0)], [512, 1])  # a bogus request type
+    assert (length, rig.last_status) == (1, Status.UNSUPP)
+    length, _ = rig.submit([hdr(T.IN, 0), bytes(512)], [1])  # a read into a device-readable buffer
+    assert (length, rig.last_status) == (1, Status.IOERR)
+    length, written = rig.submit([hdr(T.GET_ID, 0)], [20, 1])  # a successful request: data + status
+    assert length == 21 and rig.last_status == Status.OK
 
 
 def test_zero_length_requests(rig: Rig) -> None:
@@ -520,7 +535,8 @@ def test_backend_serves_a_ring(image_path: Path, packed: bool, event_idx: bool, 
         assert bench.backend.process_queue(bench.vring) == 3
         used = dict(drv.get_used())
         assert drv.read_written(t1, used[t1]) == pattern(4096, seed=1) + b"\x00"
-        assert drv.read_written(t2, used[t2])[-1] == Status.IOERR
+        status_gpa, _ = drv.placed[t2][-1]
+        assert used[t2] == 1 and bench.mem.read(status_gpa, 1)[0] == Status.IOERR  # only the status was written
         assert drv.read_written(t3, used[t3]) == bytes(21)
         assert bench.call_consumer.consume()
     finally:

@@ -119,3 +119,49 @@ def test_devices_without_state_support_do_not_offer_it(tmp_path: Path) -> None:
         fe.get_features()
         assert not fe.get_protocol_features() & PF.DEVICE_STATE
         fe.close()
+
+
+# ---------------------------------------------------------------- issue 10: a front-end cannot wedge us
+def test_check_of_a_load_whose_writer_stays_open_fails_in_bounded_time(serve) -> None:
+    backend = Counter()
+    backend.device_state_timeout = 0.5
+    fe = serve(backend)
+    r, w = os.pipe()  # we keep the write end open and never write
+    try:
+        assert fe.set_device_state_fd(LOAD, STOPPED, r) is None
+        os.close(r)
+        with pytest.raises(RequestFailed):
+            fe.check_device_state()
+        assert fe.get_features() & VF.PROTOCOL_FEATURES  # still served
+    finally:
+        os.close(w)
+        fe.close()
+
+
+def test_disconnect_cancels_a_stuck_transfer_and_the_next_frontend_is_served(serve, tmp_path: Path) -> None:
+    fe = serve(Counter())
+    r, w = os.pipe()
+    try:
+        assert fe.set_device_state_fd(LOAD, STOPPED, r) is None
+        os.close(r)
+        fe.close()  # gone, with the transfer stuck on a pipe nobody writes
+        fe2 = Frontend.connect(str(tmp_path / "s1.sock"), reply_timeout=10.0)  # the same daemon
+        assert fe2.get_features() & VF.PROTOCOL_FEATURES
+        fe2.close()
+    finally:
+        os.close(w)
+
+
+def test_a_second_transfer_cancels_an_abandoned_save(serve) -> None:
+    backend = Counter(7, os.urandom(1 << 20))  # far more than a pipe holds: the save blocks
+    fe = serve(backend)
+    r1, w1 = os.pipe()
+    try:
+        assert fe.set_device_state_fd(SAVE, STOPPED, w1) is None  # nobody reads r1
+        os.close(w1)
+        state = _save(fe)  # a new transfer: the old one is cancelled, this one completes
+        assert state[:8] == struct.pack("<Q", 7)
+        assert fe.get_features() & VF.PROTOCOL_FEATURES
+    finally:
+        os.close(r1)
+        fe.close()

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from vhostuser.backend_channel import BackendChannel
+from vhostuser.sys_util.shm import create_shm_fd
 from vhostuser.connection import Endpoint, ack_bytes
 from vhostuser.errors import (
     DeviceError,
@@ -196,8 +197,7 @@ def negotiate(fe: Frontend, protocol: int = PROTOCOL) -> None:
 def test_qemu_72_startup_and_shutdown(pair, reply_ack: bool) -> None:
     pr = pair()
     fe = pr.frontend
-    memfd = os.memfd_create("guest")
-    os.ftruncate(memfd, 2 << 20)
+    memfd = create_shm_fd(2 << 20, "guest")
     fds = [eventfd() for _ in range(3)]
     try:
         assert fe.get_features() == FEATURES
@@ -244,7 +244,7 @@ def test_add_mem_reg_with_reply_ack(pair) -> None:
     negotiate(pr.frontend)
     pr.frontend.set_owner()
     assert pr.frontend.get_max_mem_slots() == 32
-    fd = os.memfd_create("guest")
+    fd = create_shm_fd(4096, "guest")
     try:
         pr.frontend.add_mem_reg(p.MemoryRegion(0, 4096, 0x1000, 0), fd)
     finally:
@@ -394,7 +394,7 @@ def test_backend_channel(pair) -> None:
             self.seen.append(("add", u))
 
         def shared_object_lookup(self, u) -> int:
-            return os.memfd_create("dmabuf")
+            return create_shm_fd(4096, "dmabuf")
 
         def shmem_map(self, mapping, fd) -> None:
             self.seen.append(("map", mapping.shmid, mapping.len, os.fstat(fd).st_size))
@@ -411,8 +411,7 @@ def test_backend_channel(pair) -> None:
     channel.shared_object_add(u)
     fd = channel.shared_object_lookup(u)
     os.close(fd)
-    mem = os.memfd_create("shm")
-    os.ftruncate(mem, 8192)
+    mem = create_shm_fd(8192, "shm")
     try:
         channel.shmem_map(1, mem, 0, 0, 4096, writable=True)
     finally:

@@ -124,7 +124,8 @@ def test_relays_a_session_decoded_and_unchanged(rng_daemon: str, traced: Callabl
     # fd kinds: memory regions are memfds (with their size), kick/call are eventfds, the channel a socket
     add = next(e for e in reqs if e.request == "ADD_MEM_REG")
     assert add.fds and add.fds[0]["kind"] in ("memfd", "shm", "file") and add.fds[0]["size"] >= 1 << 20
-    assert next(e for e in reqs if e.request == "SET_VRING_KICK").fds == [{"kind": "eventfd"}]
+    kick_kind = "pipe" if os.environ.get("VHOSTUSER_NOTIFIER") == "pipe" or not hasattr(os, "eventfd") else "eventfd"
+    assert next(e for e in reqs if e.request == "SET_VRING_KICK").fds == [{"kind": kick_kind}]
     assert next(e for e in reqs if e.request == "SET_BACKEND_REQ_FD").fds == [{"kind": "socket"}]
     feats = next(e for e in msgs if e.kind == "reply" and e.request == "GET_FEATURES")
     assert feats.decoded and "VERSION_1" in feats.decoded["value"]
@@ -422,7 +423,7 @@ def test_rings_view_decodes_blk_requests_and_completions(sock_dir: Path, traced:
             read = fe.request(0, [struct.pack("<IIQ", 0, 0, 8)], [len(data), 1])  # IN, sector 8
             assert read.data == data + b"\x00"
             bad = fe.request(0, [struct.pack("<IIQ", 0, 0, 1 << 40)], [512, 1])  # beyond the disk
-            assert bad.data[-1] == 1
+            assert bad.length == 1  # only the status byte (IOERR, checked below) was written
             fe.stop()
         t.wait_closed()
         t.proxy.stop()
@@ -436,7 +437,7 @@ def test_rings_view_decodes_blk_requests_and_completions(sock_dir: Path, traced:
     assert [(q["type"], q["sector"], q["len"]) for q in reqs] == [("OUT", 8, 4096), ("IN", 8, 4096),
                                                                  ("IN", 1 << 40, 512)]
     assert [c["status"] for c in done] == ["OK", "OK", "IOERR"]
-    assert [c["written"] for c in done][:2] == [1, 4097]
+    assert [c["written"] for c in done] == [1, 4097, 1]  # a failed request wrote its status only
     summary = next(e for e in t.events if e.kind == "summary").data
     # with EVENT_IDX a kick (or call) may stand for several requests: at least one of each
     assert summary is not None and summary["ring_notifications"]["kicks"] >= 1

@@ -19,7 +19,7 @@ from typing import Any, Final
 from .errors import ImplementationUnavailable
 
 ENV_VAR: Final = "VHOSTUSER_IMPL"
-NATIVE_ABI_VERSION: Final = 3
+NATIVE_ABI_VERSION: Final = 4
 _CHOICES = ("auto", "native", "python")
 
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from uuid import UUID
 from typing import TYPE_CHECKING, ClassVar
 
+from .device_state import LOAD, SAVE, StateTransfer
 from .errors import DeviceError
 from .fd_registry import FIRST_DEVICE_TOKEN, FdRegistry
 from .protocol.message import VhostUserProtocolFeatures as PF
@@ -72,6 +72,10 @@ class VhostUserBackend:
     #: requests are idempotent, so after a back-end crash the requests that were
     #: in flight can be resubmitted (INFLIGHT_SHMFD): set it for e.g. block devices
     supports_inflight: ClassVar[bool] = False
+    #: CHECK_DEVICE_STATE waits this long (seconds) for a transfer to finish
+    device_state_timeout: float = 10.0
+    #: the largest device state a load accepts (bytes)
+    max_device_state_size: int = 256 << 20
 
     def __init__(self) -> None:
         self._acked_features = 0
@@ -80,8 +84,7 @@ class VhostUserBackend:
         self.backend_channel: BackendChannel | None = None
         #: the device's own fds that the daemon's workers watch (see :meth:`register_fd`)
         self.fd_registry = FdRegistry()
-        self._state_transfer: threading.Thread | None = None
-        self._state_error: Exception | None = None
+        self._state_transfer: StateTransfer | None = None
 
     # ------------------------------------------------------------ negotiation
     def features(self) -> int:
@@ -260,55 +263,42 @@ class VhostUserBackend:
         device now owns.  ``direction`` 0 saves (we write :meth:`save_state`'s
         bytes, then close), 1 loads (we read to EOF, then :meth:`load_state`).
 
-        The transfer runs on its own thread, so the front-end can read or write
-        the other end meanwhile; :meth:`check_device_state` waits for it.
+        The transfer runs on its own thread (a
+        :class:`~vhostuser.device_state.StateTransfer`), so the front-end can
+        read or write the other end meanwhile; a transfer still running is
+        cancelled first.  :meth:`check_device_state` waits for it.
         """
-        if direction not in (0, 1):
+        self.cancel_device_state()
+        if direction not in (SAVE, LOAD):
             os.close(fd)
             raise DeviceError(f"unknown device-state transfer direction {direction}")
         if phase != 0:
             os.close(fd)
             raise DeviceError(f"unsupported device-state migration phase {phase} (only STOPPED)")
-        self._finish_state_transfer()
-        self._state_error = None
-        target = self._save_to if direction == 0 else self._load_from
-        self._state_transfer = threading.Thread(target=target, args=(fd,), name="vhostuser-device-state",
-                                                daemon=True)
+        self._state_transfer = StateTransfer(fd, direction, save=self.save_state, load=self.load_state,
+                                             max_size=self.max_device_state_size)
         self._state_transfer.start()
 
     def check_device_state(self) -> None:
-        """Wait for the transfer started by :meth:`set_device_state_fd`; raise if it
-        failed (CHECK_DEVICE_STATE)."""
-        if self._state_transfer is None:
+        """Wait (at most :attr:`device_state_timeout` seconds) for the transfer
+        started by :meth:`set_device_state_fd`; raise if it failed or did not
+        finish in time (it is then cancelled) (CHECK_DEVICE_STATE)."""
+        transfer, self._state_transfer = self._state_transfer, None
+        if transfer is None:
             raise DeviceError("no device-state transfer was started")
-        self._state_transfer.join()
-        self._state_transfer = None
-        if self._state_error is not None:
-            err, self._state_error = self._state_error, None
-            raise DeviceError(f"device-state transfer failed: {err}") from err
+        if not transfer.wait(self.device_state_timeout):
+            transfer.cancel()
+            raise DeviceError(f"device-state transfer did not finish within {self.device_state_timeout}s "
+                              "(the front-end neither closed nor drained its end): cancelled")
+        if transfer.error is not None:
+            raise DeviceError(f"device-state transfer failed: {transfer.error}") from transfer.error
 
-    def _finish_state_transfer(self) -> None:
-        """Finish (and forget) an earlier transfer nobody checked."""
-        if self._state_transfer is not None:
-            self._state_transfer.join()
-            self._state_transfer = None
-
-    def _save_to(self, fd: int) -> None:
-        try:
-            with os.fdopen(fd, "wb", closefd=True) as out:
-                os.set_blocking(fd, True)
-                out.write(self.save_state())
-        except Exception as exc:  # noqa: BLE001 - reported by check_device_state
-            self._state_error = exc
-
-    def _load_from(self, fd: int) -> None:
-        try:
-            with os.fdopen(fd, "rb", closefd=True) as src:
-                os.set_blocking(fd, True)
-                data = src.read()
-            self.load_state(data)
-        except Exception as exc:  # noqa: BLE001
-            self._state_error = exc
+    def cancel_device_state(self) -> None:
+        """Cancel a transfer still running (a new transfer, a disconnect)."""
+        transfer, self._state_transfer = self._state_transfer, None
+        if transfer is not None and not transfer.done:
+            log.warning("cancelling an unfinished device-state transfer")
+            transfer.cancel()
 
     def save_state(self) -> bytes:
         """Serialise the device's internal state for migration (DEVICE_STATE)."""

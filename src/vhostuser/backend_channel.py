@@ -2,12 +2,20 @@
 
 :class:`BackendChannel` is thread-safe: device worker threads may call it
 concurrently; one request (and its reply) is on the wire at a time.
+
+Notifications (in-band VRING_CALL / VRING_ERR) are *posted*: sent with
+NEED_REPLY, but their acks are not waited for; they are collected (in order)
+when they have arrived, at the next request.  So a worker never waits for the
+front-end while it holds its vring lock, and an ack that arrives after a
+request timed out is recognised as late, never taken as the reply to the next
+request (the channel stays in step).
 """
 from __future__ import annotations
 
 import logging
 import threading
 import uuid as _uuid
+from collections import deque
 from collections.abc import Sequence
 
 from .connection import Endpoint
@@ -33,6 +41,9 @@ __all__ = ["BackendChannel"]
 
 log = logging.getLogger(__name__)
 
+#: posted requests the front-end may leave unacknowledged before posting fails
+MAX_UNACKED = 1024
+
 
 class BackendChannel:
     """Sends ``VHOST_USER_BACKEND_*`` requests to the front-end.
@@ -50,6 +61,8 @@ class BackendChannel:
         self.protocol_features = PF(protocol_features)
         self.reply_timeout = reply_timeout
         self._lock = threading.Lock()
+        #: requests sent with NEED_REPLY whose ack has not been read yet, oldest first
+        self._unacked: deque[BackendReq] = deque()
 
     def close(self) -> None:
         """Close the channel."""
@@ -62,10 +75,11 @@ class BackendChannel:
 
     # ----------------------------------------------------------------- generic
     def request(self, request: BackendReq, payload: Payload | None = None, fds: Sequence[int] = (), *,
-                need_reply: bool | None = None) -> Message | None:
+                need_reply: bool | None = None, post: bool = False) -> Message | None:
         """Send ``request``; return the reply (for requests that have one, or when
         an ack was awaited), else None.  ``fds`` stay owned by the caller; the
-        fds of a returned reply are owned by the caller."""
+        fds of a returned reply are owned by the caller.  ``post=True`` (an
+        ack-type request) does not wait for the ack: it is collected later."""
         spec = BACKEND_REQUESTS[request]
         payload = Empty() if payload is None else payload
         if spec.feature is not None and not self.protocol_features & spec.feature:
@@ -79,10 +93,17 @@ class BackendChannel:
         flags = VERSION | (VhostUserHeaderFlag.NEED_REPLY if wait and not always else 0)
         msg = Message(request, payload, flags, tuple(fds))
         with self._lock:
+            self._collect_acks()
+            if post and wait and not always and len(self._unacked) >= MAX_UNACKED:
+                raise RequestFailed(f"{request.name}: the front-end left {len(self._unacked)} "
+                                    "requests unacknowledged", request=request, code=-1)
             self.endpoint.send(msg)
             if not wait:
                 return None
-            reply = self.endpoint.recv(self.reply_timeout)
+            if post and not always:
+                self._unacked.append(request)
+                return None
+            reply = self._await_reply(request)
         if reply.request != request:
             reply.close_fds()
             raise InvalidMessage(f"front-end answered {request.name} with {reply.request.name}", request=request)
@@ -90,6 +111,37 @@ class BackendChannel:
             raise RequestFailed(f"front-end failed {request.name} (ack {reply.payload.value})",  # type: ignore[attr-defined]
                                 request=request, code=reply.payload.value)  # type: ignore[attr-defined]
         return reply
+
+    def _await_reply(self, request: BackendReq) -> Message:
+        """The reply to ``request``, skipping (in order) the acks of posted and
+        timed-out requests; on a timeout ``request`` joins those."""
+        while True:
+            try:
+                reply = self.endpoint.recv(self.reply_timeout)
+            except TimeoutError:
+                self._unacked.append(request)  # its ack may still come: it will be skipped
+                raise
+            if not self._unacked:
+                return reply
+            self._check_late_ack(self._unacked.popleft(), reply)
+
+    def _collect_acks(self) -> None:
+        """Read the acks of posted requests that have arrived (without waiting)."""
+        while self._unacked:
+            try:
+                reply = self.endpoint.recv(0)
+            except TimeoutError:
+                return
+            self._check_late_ack(self._unacked.popleft(), reply)
+
+    @staticmethod
+    def _check_late_ack(expected: BackendReq, reply: Message) -> None:
+        reply.close_fds()
+        value = getattr(reply.payload, "value", 0)
+        if reply.request != expected:
+            log.warning("front-end answered %s with %s", expected.name, reply.request.name)
+        elif value:
+            log.warning("front-end failed %s (ack %d)", expected.name, value)
 
     # ---------------------------------------------------------------- requests
     def iotlb_msg(self, msg: IotlbMsg) -> None:
@@ -112,11 +164,11 @@ class BackendChannel:
 
     def vring_call(self, index: int) -> None:
         """VRING_CALL (INBAND_NOTIFICATIONS): in-band used-buffer notification."""
-        self.request(BackendReq.VRING_CALL, VringState(index, 0))
+        self.request(BackendReq.VRING_CALL, VringState(index, 0), post=True)
 
     def vring_err(self, index: int) -> None:
         """VRING_ERR (INBAND_NOTIFICATIONS): in-band error notification."""
-        self.request(BackendReq.VRING_ERR, VringState(index, 0))
+        self.request(BackendReq.VRING_ERR, VringState(index, 0), post=True)
 
     def shared_object_add(self, uuid: _uuid.UUID) -> None:
         """SHARED_OBJECT_ADD (SHARED_OBJECT): export ``uuid``."""

@@ -29,7 +29,7 @@ from .protocol.message import VirtioFeatures as VF
 from .protocol import payloads as P
 from .protocol.payloads import Inflight
 from .sys_util.event import EventConsumer, EventNotifier
-from .sys_util.shm import MappedRegion, create_shm_fd, map_fd
+from .sys_util.shm import MappedRegion, create_shm_fd, fd_size, map_fd
 from .virtqueue.inflight import queue_region_size
 from .vring import VringAddresses, VringState
 from .worker import Worker
@@ -131,10 +131,7 @@ class VhostUserHandler(BackendReqHandler):
         self._worker_of(vring.index).unwatch_kick(vring.index)
         base = vring.stop()
         if was_running:
-            try:
-                self.backend.vring_stopped(vring.index, vring)
-            except Exception:  # noqa: BLE001
-                log.exception("vring_stopped hook failed for queue %d", vring.index)
+            self._worker_of(vring.index).call_hook(self.backend.vring_stopped, vring)
         return base
 
     # ------------------------------------------------------ feature negotiation
@@ -219,8 +216,11 @@ class VhostUserHandler(BackendReqHandler):
             self.dirty_log = new
             if self.memory is not None:
                 self.memory.set_dirty_log(new)
+            for vring in self.vrings:  # running queues log into the new log from now on
+                if vring.queue is not None:
+                    vring.queue.refresh_dirty_log()
         if old is not None:
-            old.close()
+            old.close()  # unmapped when the last snapshot using it lets go
 
     def set_log_fd(self, fd: int) -> None:
         if self.log_notifier is not None:
@@ -297,12 +297,13 @@ class VhostUserHandler(BackendReqHandler):
         with vring.lock:
             was_running = vring.started and vring.enabled
             vring.enabled = bool(enable)
+            worker = self._worker_of(index)
             if vring.started and vring.enabled and not was_running:
-                self.backend.vring_started(index, vring)
+                worker.call_hook(self.backend.vring_started, vring)  # a failing hook is logged, contained
                 if vring.kick_pending:  # a kick that arrived while disabled is not lost
-                    self._worker_of(index).kick_now(index)
+                    worker.kick_now(index)
             elif was_running and not vring.enabled:
-                self.backend.vring_stopped(index, vring)
+                worker.call_hook(self.backend.vring_stopped, vring)
 
     def vring_kick(self, index: int) -> None:
         """In-band kick (INBAND_NOTIFICATIONS)."""
@@ -320,14 +321,17 @@ class VhostUserHandler(BackendReqHandler):
 
     # ---------------------------------------------------- back-end channel
     def set_backend_req_fd(self, channel: BackendChannel) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        self.channel = channel
+        # Swap under every worker lock and close the old channel only then: a
+        # worker inside vring_call() on the old channel finishes it first.
+        old = self.channel
         inband = channel if self.acked_protocol_features & PF.INBAND_NOTIFICATIONS else None
-        for vring in self.vrings:
-            with vring.lock:
+        with self._all_locks():
+            self.channel = channel
+            for vring in self.vrings:
                 vring.inband = inband
-        self.backend.set_backend_req_fd(channel)
+            self.backend.set_backend_req_fd(channel)
+        if old is not None:
+            _close_quietly(old)
 
     def get_shared_object(self, uuid: UUID) -> int:
         return self.backend.get_shared_object(uuid)
@@ -339,9 +343,19 @@ class VhostUserHandler(BackendReqHandler):
         self.backend.net_set_mtu(mtu)
 
     # ------------------------------------------------------------ inflight I/O
+    def _check_inflight_geometry(self, num_queues: int, queue_size: int) -> None:
+        """The inflight area is bounded by the device: at most its queue count
+        and its largest queue size (a hostile front-end cannot make us create
+        or map gigabytes)."""
+        if not 0 < num_queues <= self.backend.num_queues:
+            raise DeviceError(f"inflight area for {num_queues} queues; the device has {self.backend.num_queues}")
+        if not 0 < queue_size <= self.backend.max_queue_size:
+            raise DeviceError(f"inflight queue size {queue_size} not in 1..{self.backend.max_queue_size}")
+
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[Inflight, int]:
         """Allocate a zeroed inflight area (one region per queue, in the layout of
         the negotiated ring type); the front-end keeps it across back-end restarts."""
+        self._check_inflight_geometry(num_queues, queue_size)
         packed = bool(self.acked_features & VF.RING_PACKED)
         size = num_queues * queue_region_size(queue_size, packed)
         fd = create_shm_fd(size, "vhostuser-inflight")
@@ -353,12 +367,23 @@ class VhostUserHandler(BackendReqHandler):
         return Inflight(size, 0, num_queues, queue_size), fd  # the dispatcher sends, then closes, the fd
 
     def set_inflight_fd(self, inflight: Inflight, fd: int) -> None:
-        """The inflight area (maybe of a back-end that crashed): used when rings start."""
+        """The inflight area (maybe of a back-end that crashed): used when rings start.
+        Refused unless it holds a whole region for each of its queues and the fd
+        really is that large (a shorter file would fault on access)."""
         try:
+            self._check_inflight_geometry(inflight.num_queues, inflight.queue_size)
+            packed = bool(self.acked_features & VF.RING_PACKED)
+            need = inflight.num_queues * queue_region_size(inflight.queue_size, packed)
+            if inflight.mmap_size < need:
+                raise DeviceError(f"inflight area of {inflight.mmap_size} bytes is too small for "
+                                  f"{inflight.num_queues} queues of {inflight.queue_size} ({need} bytes)")
+            if fd_size(fd) < inflight.mmap_offset + inflight.mmap_size:
+                raise DeviceError(f"inflight fd is {fd_size(fd)} bytes, shorter than its area "
+                                  f"({inflight.mmap_offset:#x}+{inflight.mmap_size:#x})")
             region = map_fd(fd, inflight.mmap_size, inflight.mmap_offset)
         finally:
             os.close(fd)
-        self._attach_inflight(region, inflight.queue_size, bool(self.acked_features & VF.RING_PACKED))
+        self._attach_inflight(region, inflight.queue_size, packed)
 
     def _attach_inflight(self, region: MappedRegion, queue_size: int, packed: bool) -> None:
         per_queue = queue_region_size(queue_size, packed)
@@ -409,6 +434,7 @@ class VhostUserHandler(BackendReqHandler):
     def disconnected(self) -> None:
         """The front-end went away: stop rings, unmap memory, close every fd we
         received, reset the device and the negotiation state."""
+        self.backend.cancel_device_state()
         self.reset_device()
         with self._all_locks():
             if self.memory is not None:

@@ -35,6 +35,7 @@ from .connection import Endpoint, Listener
 from .errors import Disconnected, ProtocolError
 from .handler import BackendConnection
 from .sys_util.poll import Poller
+from .sys_util.sockstate import is_listening
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class VhostUserDaemon:
         self.socket_path: str | None = None
         #: number of front-end connections served so far
         self.connections = 0
+        #: the protocol state of the front-end being served (None between connections)
+        self.connection: BackendConnection | None = None
         #: set while a front-end is connected (cleared once its session is cleaned up)
         self.connected = threading.Event()
 
@@ -82,7 +85,7 @@ class VhostUserDaemon:
     def start_fd(self, fd: int) -> None:
         """Serve an inherited socket: listening (many front-ends) or connected (one)."""
         sock = socket.socket(fileno=fd)
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        listening = is_listening(sock)
         sock.detach()
         if listening:
             self._start(self._serve_listener, Listener.from_fd(fd))
@@ -186,7 +189,7 @@ class VhostUserDaemon:
         self.connections += 1
         self._endpoint = endpoint
         self.connected.set()
-        conn = BackendConnection(endpoint, self.handler)
+        conn = self.connection = BackendConnection(endpoint, self.handler)
         log.info("%s: front-end connected", self.name)
         fd = endpoint.fileno()  # kept: a fatal protocol error closes the endpoint before we unregister
         self._poller.register(fd, _CONNECTION)
@@ -206,6 +209,7 @@ class VhostUserDaemon:
             self._poller.unregister(fd)
             endpoint.close()
             self._endpoint = None
+            self.connection = None
             self.handler.disconnected()
             self.connected.clear()  # after the clean-up: every fd of the session is closed
 

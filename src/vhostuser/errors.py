@@ -24,6 +24,7 @@ __all__ = [
     "LocalProtocolError",
     "Disconnected",
     "GuestMemoryError",
+    "GuestMemoryFault",
     "GuestAddressError",
     "QueueError",
     "InvalidDescriptorError",
@@ -98,6 +99,11 @@ class Disconnected(VhostUserError, ConnectionError):
 # ----------------------------------------------------------------- guest memory
 class GuestMemoryError(VhostUserError):
     """A guest memory table or region is invalid."""
+
+
+class GuestMemoryFault(GuestMemoryError):
+    """An access to mapped guest memory (or the dirty log) faulted: the front-end
+    shrank the file behind it after it was mapped (SIGBUS, caught by the C core)."""
 
 
 class GuestAddressError(GuestMemoryError):

@@ -464,6 +464,7 @@ class BackendConnection:
 
     def _do_reset_owner(self, msg: Message) -> _Result:
         self.handler.reset_owner()
+        self.state.features_acked = 0  # the device forgot them: so does the negotiation state
         return None
 
     def _do_get_protocol_features(self, msg: Message) -> _Result:
@@ -628,6 +629,9 @@ class BackendConnection:
 
     def _do_reset_device(self, msg: Message) -> _Result:
         self.handler.reset_device()
+        # One truth: the device is back to "features not acked" (ownership and the
+        # protocol features, which belong to the connection, are kept).
+        self.state.features_acked = 0
         return None
 
     def _do_set_status(self, msg: Message) -> _Result:

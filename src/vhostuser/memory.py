@@ -29,7 +29,6 @@ the next begins); anything touching a hole raises
 from __future__ import annotations
 
 import bisect
-import ctypes
 import logging
 import mmap
 import os
@@ -38,8 +37,9 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from . import _impl
+from . import _impl, memory_guard
 from .errors import GuestAddressError, GuestMemoryError
+from .sys_util.shm import buffer_address, map_fd
 
 __all__ = [
     "MAX_MEM_SLOTS",
@@ -85,15 +85,6 @@ def _check_range(addr: int, length: int, what: str = "guest address") -> None:
         )
 
 
-def _buffer_address(obj: Any) -> int:
-    """The host address of the first byte of a writable buffer (mmap, bytearray...)."""
-    c = ctypes.c_char.from_buffer(obj)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c  # drop the buffer export at once so the mmap can be closed later
-
-
 def _unmap(view: memoryview, mapping: mmap.mmap | None, what: str) -> None:
     """Release our view and unmap; a mapping a device still has views into is
     unmapped by the interpreter when the last of them goes (logged)."""
@@ -125,6 +116,7 @@ class MemoryRegion:
         "_refs",
         "_lock",
         "_closed",
+        "_guarded",
     )
 
     def __init__(
@@ -159,11 +151,12 @@ class MemoryRegion:
         self.mmap_offset = mmap_offset
         self._mmap = backing
         self._view = view
-        self.host_addr = _buffer_address(view) if host_addr is None else host_addr
+        self.host_addr = buffer_address(view) if host_addr is None else host_addr
         self.fd = fd
         self._refs = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._guarded = False  # registered with the C core's SIGBUS guard
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -190,26 +183,29 @@ class MemoryRegion:
                 raise GuestMemoryError(
                     f"invalid memory region gpa={guest_phys_addr:#x} size={memory_size:#x} offset={mmap_offset:#x}"
                 )
-            gran = mmap.ALLOCATIONGRANULARITY
-            base = mmap_offset - mmap_offset % gran
-            delta = mmap_offset - base
             try:
-                mm = mmap.mmap(fd, memory_size + delta, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+                mapped = map_fd(fd, memory_size, mmap_offset)
             except (OSError, ValueError, OverflowError) as exc:
                 raise GuestMemoryError(
                     f"cannot map memory region gpa={guest_phys_addr:#x} size={memory_size:#x} "
                     f"offset={mmap_offset:#x}: {exc}"
                 ) from exc
-            view = memoryview(mm)[delta : delta + memory_size]
             region = cls(
-                view,
+                mapped.buf,
                 guest_phys_addr,
                 userspace_addr,
                 mmap_offset=mmap_offset,
-                backing=mm,
-                host_addr=_buffer_address(mm) + delta,
+                backing=mapped.mmap,
+                host_addr=mapped.address,
                 fd=fd if keep_fd else None,
             )
+            try:
+                region._guarded = memory_guard.protect(fd, mmap_offset, memory_size, region.host_addr,
+                                                       f"memory region gpa={guest_phys_addr:#x}")
+            except BaseException:
+                region.fd = None
+                region.close()
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -292,6 +288,8 @@ class MemoryRegion:
             if self._closed:
                 return
             self._closed = True
+        if self._guarded:
+            memory_guard.unprotect(self.host_addr)
         _unmap(self._view, self._mmap, repr(self))
         self._mmap = None
         if self.fd is not None:
@@ -349,8 +347,14 @@ class GuestMemory:
     def set_dirty_log(self, dirty_log: DirtyLog | None) -> None:
         """Attach (or detach) the dirty log that queues using this snapshot mark
         written pages in.  Carried over by :meth:`with_region`/:meth:`without_region`.
-        The log is not owned: its owner closes it."""
-        self.dirty_log = dirty_log
+        The snapshot holds a reference on the log (dropped on :meth:`close` or the
+        next change): the log stays mapped while a snapshot that may still be in
+        use points at it, also after its owner closed it."""
+        if dirty_log is not None:
+            dirty_log.retain()
+        old, self.dirty_log = self.dirty_log, dirty_log
+        if old is not None:
+            old.release()
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -411,7 +415,7 @@ class GuestMemory:
                 region.close()
             raise GuestMemoryError(f"no free memory slot (limit {self.max_slots})")
         new = GuestMemory((*self._regions, region), max_slots=self.max_slots)
-        new.dirty_log = self.dirty_log
+        new.set_dirty_log(self.dirty_log)
         return new
 
     def without_region(self, guest_phys_addr: int, memory_size: int) -> GuestMemory:
@@ -426,7 +430,7 @@ class GuestMemory:
         if len(keep) == len(self._regions):
             raise GuestMemoryError(f"no memory region at gpa={guest_phys_addr:#x} size={memory_size:#x}")
         new = GuestMemory(keep, max_slots=self.max_slots)
-        new.dirty_log = self.dirty_log
+        new.set_dirty_log(self.dirty_log)
         return new
 
     # -------------------------------------------------------------- lifetime
@@ -435,6 +439,7 @@ class GuestMemory:
         if self._closed:
             return
         self._closed = True
+        self.set_dirty_log(None)
         for r in self._regions:
             r._release()
 
@@ -663,10 +668,13 @@ class DirtyLog:
         self._mmap = backing
         self.fd = fd
         self.size = self._view.nbytes
-        self.host_addr = _buffer_address(self._view) if self.size else 0
+        self.host_addr = buffer_address(self._view) if self.size else 0
         self._lock = threading.Lock()
         self._warned = False
         self._closed = False
+        self._refs = 1  # the owner's; close() drops it
+        self._owner_closed = False
+        self._guarded = False  # registered with the C core's SIGBUS guard
         #: pages marked by :meth:`mark` so far (a page marked twice counts twice;
         #: the C core's ring-index writes are not counted): for benchmarks
         self.pages_marked = 0
@@ -682,14 +690,17 @@ class DirtyLog:
         try:
             if size <= 0 or offset < 0:
                 raise GuestMemoryError(f"invalid dirty log size={size:#x} offset={offset:#x}")
-            gran = mmap.ALLOCATIONGRANULARITY
-            base = offset - offset % gran
-            delta = offset - base
             try:
-                mm = mmap.mmap(fd, size + delta, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+                mapped = map_fd(fd, size, offset)
             except (OSError, ValueError, OverflowError) as exc:
                 raise GuestMemoryError(f"cannot map the dirty log: {exc}") from exc
-            dl = cls(memoryview(mm)[delta : delta + size], backing=mm, fd=fd if keep_fd else None)
+            dl = cls(mapped.buf, backing=mapped.mmap, fd=fd if keep_fd else None)
+            try:
+                dl._guarded = memory_guard.protect(fd, offset, size, dl.host_addr, "dirty log")
+            except BaseException:
+                dl.fd = None
+                dl.close()
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -734,9 +745,9 @@ class DirtyLog:
             if self._closed:
                 return
             self.pages_marked += last - first + 1
-            if self._cptr is not None:  # the C core's atomic OR, as for its ring writes
-                _impl.NATIVE.lib.vu_log_mark(self._cptr, self.size, first * DIRTY_LOG_PAGE_SIZE,
-                                             (last - first + 1) * DIRTY_LOG_PAGE_SIZE)
+            if self._cptr is not None:  # the C core's atomic OR, as for its ring writes (SIGBUS-guarded)
+                memory_guard.mark_log(self._cptr, self.size, first * DIRTY_LOG_PAGE_SIZE,
+                                      (last - first + 1) * DIRTY_LOG_PAGE_SIZE)
                 return
             page = first
             while page <= last:
@@ -771,14 +782,39 @@ class DirtyLog:
         with self._lock:
             self._view[:] = bytes(self.size)
 
+    def retain(self) -> None:
+        """Take a reference (a memory snapshot that points at the log)."""
+        with self._lock:
+            if self._closed:
+                raise GuestMemoryError("the dirty log is closed")
+            self._refs += 1
+
+    def release(self) -> None:
+        """Drop a reference; the last one unmaps the log."""
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self._unmap()
+
     def close(self) -> None:
-        """Unmap the log (and close its kept fd).  Idempotent."""
+        """The owner lets go (idempotent): the log is unmapped (and its kept fd
+        closed) once no memory snapshot refers to it any more."""
+        with self._lock:
+            if self._owner_closed:
+                return
+            self._owner_closed = True
+        self.release()
+
+    def _unmap(self) -> None:
         with self._lock:  # no mark() is half-way through the mapping
             if self._closed:
                 return
             self._closed = True
             self._cptr = None
         log.info("dirty log of %d bytes closed: %d pages marked", self.size, self.pages_marked)
+        if self._guarded:
+            memory_guard.unprotect(self.host_addr)
         _unmap(self._view, self._mmap, "dirty log")
         self._mmap = None
         if self.fd is not None:

@@ -268,7 +268,10 @@ class VringState:
         self.failed = exc
         log.error("vring %d failed: %s", self.index, exc)
         if self.err is not None:
-            self.err.notify()
+            try:
+                self.err.notify()
+            except OSError as notify_exc:  # a pipe whose reader is gone (the front-end left)
+                log.warning("vring %d: error notification failed: %s", self.index, notify_exc)
         elif self.inband is not None:
             try:
                 self.inband.vring_err(self.index)

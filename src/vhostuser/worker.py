@@ -17,10 +17,11 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from .errors import GuestMemoryError, QueueError
 from .sys_util.poll import EVENT_READ, Poller
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ class Worker:
                 vring.fail(exc)
                 return
             if vring.enabled:
-                self._call_hook(self.backend.vring_started, vring)
+                self.call_hook(self.backend.vring_started, vring)
         if not vring.enabled:
             vring.kick_pending = True
             return
@@ -201,8 +202,15 @@ class Worker:
         except Exception:  # noqa: BLE001
             log.exception("device failed while handling its event %d", token)
 
-    def _call_hook(self, hook, vring: VringState) -> None:  # noqa: ANN001
+    def call_hook(self, hook: Callable[[int, VringState], None], vring: VringState) -> None:
+        """Run a device's ``vring_started``/``vring_stopped``: a failure is logged,
+        never raised (the protocol request that caused it still succeeds).  A
+        data-path error on the ring (a hostile ring, guest memory that faulted)
+        fails the ring, as it would in :meth:`handle_event`."""
         try:
             hook(vring.index, vring)
+        except (QueueError, GuestMemoryError) as exc:
+            log.error("device hook %s: queue %d failed", getattr(hook, "__name__", hook), vring.index)
+            vring.fail(exc)
         except Exception:  # noqa: BLE001
             log.exception("device hook %s failed for queue %d", getattr(hook, "__name__", hook), vring.index)

@@ -1,7 +1,8 @@
 """cffi out-of-line API-mode build script for ``vhostuser._native._ring``.
 
 The C code lives in real files beside this script: ``ring.h`` (the declarations
-cffi exposes, also used as the cdef) and ``ring.c`` + ``chainio.c`` (the implementation).  The C
+cffi exposes, also used as the cdef) and ``ring.c`` + ``chainio.c`` (the implementation);
+``guard.h``/``guard.c`` wrap the entry points in SIGBUS recovery points.  The C
 side holds no policy: functions return error codes, Python raises.
 
 ``python src/vhostuser/_native/build_native.py`` builds the extension in place
@@ -23,12 +24,19 @@ HERE = Path(__file__).resolve().parent
 CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-fno-strict-aliasing"]
 
 
+#: the headers whose CDEF parts cffi parses, and the C files
+HEADERS = ("ring.h", "guard.h")
+SOURCES = ("ring.c", "chainio.c", "guard.c")
+
+
 def _cdef_text() -> str:
-    """The part of ring.h between the CDEF markers, which cffi parses."""
-    text = (HERE / "ring.h").read_text()
-    start = text.index("/* CDEF-BEGIN */") + len("/* CDEF-BEGIN */")
-    end = text.index("/* CDEF-END */")
-    return text[start:end]
+    """The parts of the headers between the CDEF markers, which cffi parses."""
+    parts = []
+    for name in HEADERS:
+        text = (HERE / name).read_text()
+        start = text.index("/* CDEF-BEGIN */") + len("/* CDEF-BEGIN */")
+        parts.append(text[start:text.index("/* CDEF-END */")])
+    return "\n".join(parts)
 
 
 def make_ffibuilder(base: Path | None = None, extra_cflags: list | None = None) -> FFI:
@@ -40,8 +48,8 @@ def make_ffibuilder(base: Path | None = None, extra_cflags: list | None = None) 
     builder.cdef(_cdef_text())
     builder.set_source(
         "vhostuser._native._ring",
-        '#include "ring.h"',
-        sources=[(src / "ring.c").as_posix(), (src / "chainio.c").as_posix()],
+        "".join(f'#include "{name}"\n' for name in HEADERS),
+        sources=[(src / name).as_posix() for name in SOURCES],
         include_dirs=[src.as_posix()],
         extra_compile_args=CFLAGS + (extra_cflags or []),
         extra_link_args=list(extra_cflags or []),

@@ -143,6 +143,8 @@ static int one_chain(const struct vu_mem_table *m, const struct vu_chain_batch *
     rc = cnt < 0 ? EFAULT : transfer(fd, op == IO_WRITE, iov, cnt, off);
     if (tail)
         *status = rc ? err : ok;
+    if (rc)
+        *len_out = tail; /* a failed request reports its status byte only */
     return rc;
 }
 

@@ -15,7 +15,7 @@
 
 #include "ring.h"
 
-#define VU_ABI_VERSION 3
+#define VU_ABI_VERSION 4
 
 /* error codes: virtqueue/errcodes.py (values are ABI) */
 enum {

@@ -132,7 +132,7 @@ int vu_mem_in_memory(const struct vu_mem_table *mem, uint64_t gpa, uint64_t len)
    1 = preadv at offsets[k] into the writable bytes [0, write_bytes - tail),
    2 = pwritev of the readable bytes [skip, read_bytes) at offsets[k]; then the
    chain's last writable byte (if tail) becomes `ok` or `err`, lens[k] = its
-   writable bytes and errs[k] = 0 or an errno (EINVAL: no room for the status,
+   writable bytes (`tail` after a failure: only the status was written) and errs[k] = 0 or an errno (EINVAL: no room for the status,
    nothing done, lens[k] = 0; EFAULT: a segment is not guest memory).
    With q (else NULL): the first lens[k] writable bytes of each chain are marked
    in q's dirty log and the used entries published every `every` chains (0: once),

@@ -42,13 +42,16 @@ from .shm import (
     ShmKind,
     buffer_address,
     create_shm_fd,
+    fd_size,
     map_fd,
+    shrink_sealed,
 )
 from .sockstate import (
     AVAILABLE_SOCKSTATE_KINDS,
     DEFAULT_SOCKSTATE_KIND,
     PeerState,
     SockStateKind,
+    is_listening,
     socket_peer_state,
 )
 from .sock_ctrl_msg import (
@@ -82,12 +85,15 @@ __all__ = [
     "SharedMemory",
     "ShmKind",
     "buffer_address",
+    "fd_size",
+    "shrink_sealed",
     "create_shm_fd",
     "map_fd",
     "AVAILABLE_SOCKSTATE_KINDS",
     "DEFAULT_SOCKSTATE_KIND",
     "PeerState",
     "SockStateKind",
+    "is_listening",
     "socket_peer_state",
     "HAVE_MSG_CMSG_CLOEXEC",
     "MAX_FDS",

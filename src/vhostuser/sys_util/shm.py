@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import enum
 import errno
 import logging
@@ -39,7 +40,9 @@ __all__ = [
     "ShmKind",
     "buffer_address",
     "create_shm_fd",
+    "fd_size",
     "map_fd",
+    "shrink_sealed",
 ]
 
 log = logging.getLogger(__name__)
@@ -286,3 +289,26 @@ class SharedMemory:
 
     def __repr__(self) -> str:
         return f"<SharedMemory fd={self.fd} size={self.size:#x}>"
+
+
+def fd_size(fd: int) -> int:
+    """The size of the file behind ``fd`` (``st_size``; 0 for what has none)."""
+    return os.fstat(fd).st_size
+
+
+#: ``fcntl.F_GET_SEALS`` / ``F_SEAL_SHRINK`` where the OS has file seals (Linux
+#: memfds, FreeBSD shm), else None.
+_F_GET_SEALS: int | None = getattr(fcntl, "F_GET_SEALS", None)
+_F_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+
+
+def shrink_sealed(fd: int) -> bool:
+    """True if ``fd`` cannot shrink any more (``F_SEAL_SHRINK``): a mapping of it
+    can never fault with SIGBUS because the file got shorter.  False where the OS
+    has no seals or the fd is not sealable."""
+    if _F_GET_SEALS is None:
+        return False
+    try:
+        return bool(fcntl.fcntl(fd, _F_GET_SEALS) & _F_SEAL_SHRINK)
+    except OSError:
+        return False

@@ -11,11 +11,16 @@
 Variant by capability probe: ``select.poll`` -> ``poll``; without it (or forced
 with ``kind="none"`` / ``VHOSTUSER_SOCKSTATE=none``) nothing can be told and the
 answer is "closed both ways" (``known=False``), the safe assumption after EOF.
+
+:func:`is_listening` tells a listening socket from a connected one
+(``SO_ACCEPTCONN`` where the system has it, else "has no peer").
 """
 from __future__ import annotations
 
 import enum
+import errno
 import select
+import socket
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,8 +32,23 @@ __all__ = [
     "ENV_VAR",
     "PeerState",
     "SockStateKind",
+    "is_listening",
     "socket_peer_state",
 ]
+
+
+def is_listening(sock: socket.socket) -> bool:
+    """True if ``sock`` is listening (accepts connections), False if connected."""
+    opt = getattr(socket, "SO_ACCEPTCONN", None)
+    if opt is not None:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, opt))
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return True
+        raise
+    return False
 
 ENV_VAR: Final = "VHOSTUSER_SOCKSTATE"
 

@@ -30,7 +30,7 @@ from ..memory import GuestMemory
 from . import _pycore
 from .defs import DESC_SIZE, Layout
 from ._pycore import IO_NONE, IO_READ, IO_WRITE, check_io_args
-from .errcodes import BREAKS_QUEUE, ErrorCode
+from .errcodes import BREAKS_QUEUE, ErrorCode, make_error
 
 __all__ = [
     "NAME",
@@ -83,18 +83,27 @@ _ARRAY_MIN = 8 if _array("I").itemsize == 4 else 1 << 62
 _U32_CODE = "I" if _array("I").itemsize == 4 else "?"  # "?": no such array typecode
 _memmove = ffi.memmove
 
-_lib_configure = lib.vu_queue_configure
-_lib_pop = lib.vu_queue_pop_batch
-_lib_add_used = lib.vu_queue_add_used_batch
-_lib_needs = lib.vu_queue_needs_notification
-_lib_setnotif = lib.vu_queue_set_notification
-_lib_pending = lib.vu_queue_avail_pending
-_lib_gather = lib.vu_gather
-_lib_scatter = lib.vu_scatter
-_lib_log_written = getattr(lib, "vu_log_written", None)  # None: an extension built before it
-_lib_chain_io = lib.vu_chain_io
-_lib_chain_heads = lib.vu_chain_heads
-_lib_poll = lib.vu_queue_poll
+# Every entry point that touches guest memory runs under the C core's SIGBUS
+# recovery point (guard.c): a fault in a front-end-shrunk mapping becomes an
+# error return, never a dead process.
+_lib_configure = lib.vu_safe_queue_configure
+_lib_pop = lib.vu_safe_queue_pop_batch
+_lib_add_used = lib.vu_safe_queue_add_used_batch
+_lib_needs = lib.vu_safe_queue_needs_notification
+_lib_setnotif = lib.vu_safe_queue_set_notification
+_lib_pending = lib.vu_safe_queue_avail_pending
+_lib_gather = lib.vu_safe_gather
+_lib_scatter = lib.vu_safe_scatter
+_lib_log_written = lib.vu_safe_log_written
+_lib_chain_io = lib.vu_safe_chain_io
+_lib_chain_heads = lib.vu_safe_chain_heads
+_lib_poll = lib.vu_safe_queue_poll
+_GUEST_FAULT = -ErrorCode.GUEST_FAULT
+_fault = ffi.new("uint64_t *")  # the faulting address of a gather/scatter (GIL-protected)
+
+
+def _faulted() -> GuestMemoryError:
+    return make_error(_GUEST_FAULT, _fault[0])  # type: ignore[return-value]
 
 
 def _closed() -> GuestMemoryError:
@@ -115,6 +124,7 @@ def mem_table(mem: GuestMemory) -> Any:
     """The ``struct vu_mem_table *`` of a snapshot (built once, cached on it)."""
     t = mem.native_table
     if t is None:
+        lib.vu_guard_install()  # (again, if a later handler replaced ours: it is chained)
         regs = mem.table()
         arr = ffi.new("struct vu_mem_region[]", max(1, len(regs)))
         for i, (gpa, size, uva, host) in enumerate(regs):
@@ -368,15 +378,18 @@ def log_written(log: Any, batch: ChainBatch, first: int, count: int, lens: Any) 
     """Dirty-log what ``add_used`` reports written (see _pycore.log_written): one
     C call for the whole run of chains, atomic ORs, under the log's lock."""
     cptr = log._cptr
-    if _lib_log_written is None or cptr is None:
+    if cptr is None:
         _pycore.log_written(log, batch, first, count, lens)  # type: ignore[arg-type]  # same attributes
         return
     used = ffi.from_buffer("uint32_t[]", lens) if type(lens) is _array else ffi.new("uint32_t[]", list(lens))
     with log._lock:
         if log._closed:
             return
-        log.pages_marked += _lib_log_written(cptr, log.size, batch.addr, batch.len, batch.desc_start, batch.nread,
-                                             batch.ndesc, first, count, used)
+        got = _lib_log_written(cptr, log.size, batch.addr, batch.len, batch.desc_start, batch.nread,
+                               batch.ndesc, first, count, used, _fault)
+        if got < 0:
+            raise _faulted()
+        log.pages_marked += got
 
 
 def pop_batch(st: QueueState, mem: GuestMemory, max_chains: int, batch: ChainBatch) -> int:
@@ -517,7 +530,9 @@ def gather(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, skip
     if tbl is None:
         tbl = mem_table(mem)
     buf = _new_raw("char[]", n)
-    got = _lib_gather(tbl, addrs, lens, start, count, skip, buf, n)
+    got = _lib_gather(tbl, addrs, lens, start, count, skip, buf, n, _fault)
+    if got == _GUEST_FAULT:
+        raise _faulted()
     if got < 0:  # a piece outside guest memory: let the reference raise its error
         return _pycore.gather(mem, addrs, lens, start, count, skip, n)
     return _unpack(buf, got)  # type: ignore[no-any-return]
@@ -536,7 +551,9 @@ def gather_into(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int,
     out = _from_buffer("char[]", dst, True)  # writable only (positional: faster)
     if n > len(out):  # never from Reader: let the reference store what fits
         return _pycore.gather_into(mem, addrs, lens, start, count, skip, dst, n)
-    got = _lib_gather(tbl, addrs, lens, start, count, skip, out, n)
+    got = _lib_gather(tbl, addrs, lens, start, count, skip, out, n, _fault)
+    if got == _GUEST_FAULT:
+        raise _faulted()
     if got < 0:  # a piece outside guest memory: let the reference raise its error
         return _pycore.gather_into(mem, addrs, lens, start, count, skip, dst, n)
     return got  # type: ignore[no-any-return]
@@ -552,10 +569,12 @@ def scatter(mem: GuestMemory, addrs: Any, lens: Any, start: int, count: int, ski
     if tbl is None:
         tbl = mem_table(mem)
     if type(data) is bytes:  # passed as a char pointer, no copy, no wrapper object
-        got = _lib_scatter(tbl, addrs, lens, start, count, skip, data, len(data))
+        got = _lib_scatter(tbl, addrs, lens, start, count, skip, data, len(data), _fault)
     else:
         src = _from_buffer(data)
-        got = _lib_scatter(tbl, addrs, lens, start, count, skip, src, len(src))
+        got = _lib_scatter(tbl, addrs, lens, start, count, skip, src, len(src), _fault)
+    if got == _GUEST_FAULT:
+        raise _faulted()
     if got < 0:  # pieces before the bad one are written, as the reference does
         return _pycore.scatter(mem, addrs, lens, start, count, skip, data)
     return got  # type: ignore[no-any-return]
@@ -609,7 +628,8 @@ def chain_heads(mem: GuestMemory, batch: Any, first: int, n: int, hlen: int) -> 
     if tbl is None:
         tbl = mem_table(mem)
     out = _new_raw("uint8_t[]", max(n * hlen, 1))
-    _lib_chain_heads(tbl, batch.cb, first, n, hlen, out)
+    if _lib_chain_heads(tbl, batch.cb, first, n, hlen, out, _fault) == _GUEST_FAULT:
+        raise _faulted()
     rb: Any = batch.read_bytes
     wb: Any = batch.write_bytes
     return _unpack(_cast("char *", out), n * hlen), _unpack(rb + first, n), _unpack(wb + first, n)

@@ -795,6 +795,8 @@ def _one_chain(mem: GuestMemory, b: Any, i: int, fd: int, op: int, off: int, ski
     if tail:
         assert status is not None
         status[0] = err if rc else ok
+    if rc:
+        lens[k] = tail  # a failed request reports its status byte only
     return rc
 
 

@@ -43,6 +43,7 @@ class ErrorCode(IntEnum):
     BASE_RANGE = 22
     BATCH_CAPACITY = 23
     BAD_SIZE = 24
+    GUEST_FAULT = 25
 
 
 C = ErrorCode
@@ -73,6 +74,8 @@ _TABLE: dict[ErrorCode, tuple[type[E.VhostUserError], str]] = {
     C.BASE_RANGE: (E.QueueError, "ring position {a} out of range for queue size {b}"),
     C.BATCH_CAPACITY: (E.QueueUsageError, "batch descriptor capacity {a} is smaller than the queue size {b}"),
     C.BAD_SIZE: (E.QueueError, "queue size {a} is invalid (at most {b}; a power of two for split rings)"),
+    C.GUEST_FAULT: (E.GuestMemoryFault, "guest memory at host address {a:#x} faulted (SIGBUS: the front-end "
+                                        "shrank the file behind it)"),
 }
 
 #: Codes after which the core marks the queue broken (hostile ring).
@@ -80,7 +83,7 @@ BREAKS_QUEUE = frozenset(
     {
         C.AVAIL_INDEX, C.INFLIGHT, C.HEAD_INDEX, C.DESC_INDEX, C.DESC_ZERO_LEN, C.DESC_ADDRESS,
         C.DESC_ORDER, C.CHAIN_TOO_LONG, C.CHAIN_TOO_BIG, C.INDIRECT_NESTED, C.INDIRECT_CHAINED,
-        C.INDIRECT_LENGTH, C.INDIRECT_SIZE, C.INDIRECT_ADDRESS,
+        C.INDIRECT_LENGTH, C.INDIRECT_SIZE, C.INDIRECT_ADDRESS, C.GUEST_FAULT,
     }
 )
 

@@ -118,6 +118,7 @@ class Queue:
         The caller still owns (and later closes) the old snapshot."""
         self._mem = mem
         self._st.desc_mv = self._st.driver_mv = self._st.device_mv = None
+        self.refresh_dirty_log()
         if self._st.ready:
             self._reconfigure()
 
@@ -769,6 +770,14 @@ class Queue:
         (:meth:`GuestMemory.set_dirty_log`)."""
         self._log = dirty_log
         self._st.log = dirty_log
+
+    def refresh_dirty_log(self) -> None:
+        """Pick up a dirty-log change of the memory snapshot now (not only at the
+        next :meth:`add_used_batch`), so every later ring write is logged in it."""
+        dlog = self._log
+        if dlog is None and self._mem is not None:
+            dlog = self._mem.dirty_log
+        self._st.log = dlog
 
     def set_log_used(self, enabled: bool, log_guest_addr: int | None = None) -> None:
         """``VHOST_VRING_F_LOG`` of SET_VRING_ADDR: log ring writes, split used ring

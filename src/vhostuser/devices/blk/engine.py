@@ -9,7 +9,8 @@ A request is one descriptor chain::
 :meth:`BlkRequestEngine.process` takes anything with ``reader()``/``writer()``
 and ``readable_len``/``writable_len`` (a :class:`~vhostuser.virtqueue.DescriptorChain`),
 executes the request against a :class:`~.image.BlockImage`, writes the status
-byte and returns the used length (the whole writable part, as QEMU reports it).  It never raises for a bad request: a short
+byte and returns the used length: the bytes really written into the chain (the
+data read, the id, and the status byte; 1 for a failed request).  It never raises for a bad request: a short
 header, data that is not a whole number of sectors, a sector outside the disk,
 a write to a read-only disk, an unknown type... each gets ``IOERR`` or
 ``UNSUPP``.  A chain without any writable byte cannot carry a status; it is
@@ -297,10 +298,10 @@ class BlkRequestEngine:
         elif status == Status.UNSUPP:
             self.stats.unsupported += 1
         status_w.write_u8(int(status))
-        # As QEMU does: the whole writable part counts as written, also when a
-        # failed request left the data area untouched (its status byte is at the
-        # end; over-reporting only makes migration log a few more pages dirty).
-        return writable
+        # The used length is what the device wrote into the chain (VIRTIO 1.3
+        # §2.7.8.2): the data an IN / GET_ID wrote, and the status byte.  A
+        # request refused before its data was touched reports 1.
+        return data_w.bytes_written + 1
 
     # ------------------------------------------------------------ batch path
     def plan(self, iob: Any) -> tuple[bytearray, array, array, int]:
@@ -403,6 +404,8 @@ class BlkRequestEngine:
         return offset
 
     def _read(self, reader: Any, data_w: Any, sector: int) -> Status:
+        if reader.available_bytes:
+            raise _Reject(Status.IOERR, f"read request with {reader.available_bytes} device-readable data bytes")
         n = data_w.available_bytes
         offset = self._range(sector, n)
         if n:

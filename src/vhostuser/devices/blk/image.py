@@ -20,9 +20,7 @@ raw I/O and can never reach outside ``[0, capacity)`` by accident:
 """
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import logging
 import mmap
 import os
@@ -33,14 +31,21 @@ from contextlib import contextmanager
 
 from ...errors import BlkImageError
 from ...sys_util import fileops
-from ...sys_util.fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, block_sector_size
+from ...sys_util.shm import buffer_address
+from ...sys_util.fileops import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    O_DIRECT,
+    block_sector_size,
+    lock_file,
+)
 
 log = logging.getLogger(__name__)
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
 
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 _IOV_MAX = 1024
 try:
     _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
@@ -51,8 +56,10 @@ _ZERO_CHUNK = 1 << 20
 
 def _buffer_address(view: memoryview) -> int | None:
     """The address of a writable buffer's first byte, or None (read-only or exotic)."""
+    if view.readonly:
+        return None
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+        return buffer_address(view)
     except (TypeError, ValueError):
         return None
 
@@ -99,11 +106,11 @@ class BlockImage:
         self.path = os.fspath(path)
         self.read_only = read_only
         self.direct = direct
-        if direct and not _O_DIRECT:
+        if direct and not O_DIRECT:
             raise BlkImageError("O_DIRECT is not available on this system (drop --direct)")
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.path, flags | (_O_DIRECT if direct else 0))
+            self.fd = os.open(self.path, flags | (O_DIRECT if direct else 0))
         except OSError as exc:
             raise BlkImageError(f"cannot open {self.path}: {exc.strerror}") from exc
         self._buffered_fd: int | None = None
@@ -128,10 +135,8 @@ class BlockImage:
             else:
                 raise BlkImageError(f"{self.path} is neither a regular file nor a block device")
             if lock:
-                try:
-                    fcntl.flock(self.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                except BlockingIOError as exc:
-                    raise BlkImageError(f"{self.path} is in use by another process (flock)") from exc
+                if not lock_file(self.fd, shared=read_only):
+                    raise BlkImageError(f"{self.path} is in use by another process (flock)")
             self.direct_alignment = 1
             if direct:
                 self.direct_alignment = max(self.logical_block_size, self._probe_direct_alignment())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ from typing import Any
 from collections.abc import Callable
 
 from ...errors import ConsoleConfigError
+from ...sys_util.fileops import restore_flags, set_nonblocking
 from ...sys_util.poll import EVENT_READ, EVENT_WRITE
 
 __all__ = ["HostEndpoint", "StdioHost", "ListenerHost", "tcp_listener", "unix_listener"]
@@ -89,13 +89,6 @@ class HostEndpoint:
         """Release fds, restore the terminal, remove socket files.  Idempotent."""
 
 
-def _set_nonblocking(fd: int) -> int:
-    """Set O_NONBLOCK; return the previous flags."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    return flags
-
-
 class StdioHost(HostEndpoint):
     """The terminal (or any pair of pipes / sockets) the back-end runs in.
 
@@ -140,7 +133,7 @@ class StdioHost(HostEndpoint):
             new = os.open(os.ttyname(fd), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
             self._owned.append(new)
             return new
-        self._restore_flags.append((fd, _set_nonblocking(fd)))
+        self._restore_flags.append((fd, set_nonblocking(fd)))
         return fd
 
     def describe(self) -> str:
@@ -209,7 +202,7 @@ class StdioHost(HostEndpoint):
             self._saved_termios = None
         for fd, flags in self._restore_flags:
             with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+                restore_flags(fd, flags)
         self._restore_flags = []
         for fd in self._owned:
             with contextlib.suppress(OSError):
