@@ -21,6 +21,16 @@ slow guest tests where one pass covers a combination.
 OS-layer variant enum (``EventKind``, ``ShmKind``, ``SelectorKind``), skipping the
 ones this system lacks, so one test body covers every variant.
 
+``import_native_core()`` returns the C core's Python face (``_nativecore``) or
+skips the calling test module when the extension is not built - except in CI
+(``CI=true``) or when ``VHOSTUSER_IMPL=native`` asks for it, where a missing
+extension fails the run (the project's rule for missing peers).
+
+Hypothesis: in CI (``CI=true``) the ``ci`` profile is loaded: no deadline (a
+loaded 2-core machine makes timings meaningless), no ``too_slow`` /
+``data_too_large`` health checks, and ``fuzz_examples(n)`` (the example count of
+the fuzz tests) is scaled up by ``VHOSTUSER_FUZZ_SCALE`` (default 2).
+
 The leak checks compare the set of this process's open fds before and after and fail with
 the leaked fds and what they point to (``/proc/self/fd/N`` link target).  Objects
 that close their fds only when garbage-collected count as leaks: close explicitly.
@@ -31,8 +41,43 @@ import contextlib
 import enum
 import os
 from collections.abc import Collection, Iterator
+from types import ModuleType
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+#: running in CI (the convention of CI services: CI=true)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+settings.register_profile(
+    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+if IN_CI:
+    settings.load_profile("ci")
+
+
+def fuzz_examples(n: int) -> int:
+    """``max_examples`` for a fuzz test that runs ``n`` examples locally: more in CI."""
+    return n * int(os.environ.get("VHOSTUSER_FUZZ_SCALE", "2")) if IN_CI else n
+
+
+def native_required() -> bool:
+    """A missing C extension is a failure here, not a skip (CI, or VHOSTUSER_IMPL=native)."""
+    return IN_CI or os.environ.get("VHOSTUSER_IMPL", "").strip().lower() == "native"
+
+
+def import_native_core() -> ModuleType:
+    """``vhostuser.virtqueue._nativecore``; skips the calling module when the C
+    extension is missing, or fails it when :func:`native_required`."""
+    try:
+        from vhostuser.virtqueue import _nativecore  # noqa: PLC0415
+    except ImportError as exc:
+        why = f"C extension not available: {exc}"
+        if native_required():
+            pytest.fail(f"{why} (required: CI=true or VHOSTUSER_IMPL=native)", pytrace=False)
+        pytest.skip(why, allow_module_level=True)
+    return _nativecore
 
 
 _FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"

@@ -51,3 +51,24 @@ def test_the_switch_selects_each_implementation() -> None:
     bad = subprocess.run([sys.executable, "-c", "import vhostuser"], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, VHOSTUSER_IMPL="fast"))
     assert bad.returncode != 0 and "expected one of auto, native, python" in bad.stderr
+
+
+def test_missing_extension_fails_the_native_tests_in_ci(tmp_path: Path) -> None:
+    """Without the C extension, test_native_core skips locally but fails in CI
+    (CI=true) and under VHOSTUSER_IMPL=native: a skip must not pass for a run."""
+    shutil.copytree(ROOT / "src" / "vhostuser", tmp_path / "vhostuser",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    base = {k: v for k, v in os.environ.items() if k not in ("CI", "VHOSTUSER_IMPL")}
+    base["PYTHONPATH"] = str(tmp_path)
+
+    def run(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                               str(ROOT / "tests" / "test_native_core.py")],
+                              capture_output=True, text=True, timeout=300, env={**base, **env}, cwd=ROOT)
+
+    local = run(VHOSTUSER_IMPL="python")
+    assert local.returncode == 5 and "1 skipped" in local.stdout, local.stdout[-2000:]  # 5: no test ran
+    ci = run(VHOSTUSER_IMPL="python", CI="true")
+    assert ci.returncode != 0 and "required: CI=true" in ci.stdout, ci.stdout[-2000:]
+    native = run(VHOSTUSER_IMPL="native")
+    assert native.returncode != 0 and "C extension" in native.stdout + native.stderr, native.stdout[-2000:]

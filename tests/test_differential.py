@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import import_native_core
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,10 +40,7 @@ from vhostuser.virtqueue.defs import (
 )
 from vhostuser.virtqueue.errcodes import ErrorCode, make_error
 
-try:
-    from vhostuser.virtqueue import _nativecore as NC
-except ImportError as exc:  # pragma: no cover - extension not built
-    pytest.skip(f"C extension not available: {exc}", allow_module_level=True)
+NC = import_native_core()  # skips without the C extension; fails in CI or with VHOSTUSER_IMPL=native
 
 CORES = (PC, NC)
 # hole at 0x30000..0x40000; 0x20000 is adjacent to the first region

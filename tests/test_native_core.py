@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import import_native_core
 
 from vhostuser import _impl
 from vhostuser.errors import GuestMemoryError
@@ -17,10 +18,7 @@ from vhostuser.memory import DirtyLog, GuestMemory
 from vhostuser.virtqueue import _core, _pycore
 from vhostuser.virtqueue.driver import RingDriver
 
-try:
-    from vhostuser.virtqueue import _nativecore as NC
-except ImportError as exc:  # pragma: no cover - extension not built
-    pytest.skip(f"C extension not available: {exc}", allow_module_level=True)
+NC = import_native_core()  # skips without the C extension; fails in CI or with VHOSTUSER_IMPL=native
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "src" / "vhostuser" / "_native"
 LAYOUTS = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])

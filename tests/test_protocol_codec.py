@@ -6,7 +6,7 @@ import os
 import struct
 
 import pytest
-from conftest import check_no_fd_leak
+from conftest import check_no_fd_leak, fuzz_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_protocol_payloads import PAYLOADS
@@ -78,7 +78,7 @@ def close_all(msgs: list[Message]) -> None:
         m.close_fds()
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(150), suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.lists(request_message(), min_size=1, max_size=6), cuts=st.sets(st.integers(0, 3000), max_size=20))
 def test_any_split_gives_the_same_messages(fd_source, data, cuts) -> None:
     msgs = with_real_fds([m for m, _ in data], fd_source)
@@ -91,7 +91,7 @@ def test_any_split_gives_the_same_messages(fd_source, data, cuts) -> None:
         close_all(msgs)
 
 
-@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(30), suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.lists(request_message(), min_size=1, max_size=3))
 def test_byte_by_byte_and_header_body_apart(fd_source, data) -> None:
     msgs = with_real_fds([m for m, _ in data], fd_source)
@@ -107,7 +107,7 @@ def test_byte_by_byte_and_header_body_apart(fd_source, data) -> None:
         close_all(msgs)
 
 
-@settings(max_examples=60)
+@settings(max_examples=fuzz_examples(60))
 @given(data=st.lists(request_message(BACKEND_REQUESTS), min_size=1, max_size=4), cuts=st.sets(st.integers(0, 500)))
 def test_backend_requests_split(data, cuts) -> None:
     r, w = os.pipe()
@@ -136,7 +136,7 @@ def _drain(dec: Decoder) -> list[Message]:
         got.append(m)
 
 
-@settings(max_examples=300)
+@settings(max_examples=fuzz_examples(300))
 @given(chunks=st.lists(st.tuples(st.binary(max_size=80), st.integers(0, 3)), max_size=8),
        replies=st.booleans(), backend=st.booleans())
 def test_random_bytes_only_protocol_errors_and_no_leak(chunks, replies, backend) -> None:
@@ -156,7 +156,7 @@ def test_random_bytes_only_protocol_errors_and_no_leak(chunks, replies, backend)
         close_all(got)
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(100), suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.lists(request_message(), min_size=1, max_size=4), cut=st.integers(0, 2000))
 def test_truncated_stream(fd_source, data, cut) -> None:
     with check_no_fd_leak():

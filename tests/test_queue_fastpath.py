@@ -12,6 +12,7 @@ import random
 from typing import Any
 
 import pytest
+from conftest import native_required
 
 from vhostuser.memory import DirtyLog, GuestMemory
 from vhostuser.virtqueue import Queue, _pycore
@@ -22,6 +23,8 @@ from vhostuser.virtqueue.driver import RingDriver
 try:
     from vhostuser.virtqueue import _nativecore
 except ImportError:  # pragma: no cover - extension not built
+    if native_required():
+        raise
     _nativecore = None  # type: ignore[assignment]
 
 CORES = [_pycore] + ([_nativecore] if _nativecore is not None else [])
