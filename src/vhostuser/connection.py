@@ -46,8 +46,8 @@ class Listener:
     A stale socket file (nobody accepting on it) is unlinked; a live one, or a
     path that is not a socket, raises :class:`OSError` (``EADDRINUSE`` /
     ``EEXIST``).  The liveness probe is a connect(), so the live listener sees
-    one connection that closes without a message.  The socket file gets ``mode`` (0600 by default) right after
-    bind.  :meth:`close` unlinks the file if this listener created it.
+    one connection that closes without a message.  The socket file appears with ``mode`` (0600 by default),
+    already listening (it is bound under a hidden name and renamed into place).  :meth:`close` unlinks the file if this listener created it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, mode: int = 0o600, backlog: int = 1,
@@ -56,10 +56,23 @@ class Listener:
         if unlink_stale:
             self._unlink_if_stale(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # bind a hidden sibling, set its mode, listen, then rename it into place: the
+        # path appears only once it has its mode and accepts connections
+        head, tail = os.path.split(self.path)
+        staging = os.path.join(head, f".{tail}.{os.getpid()}~")
+        if len(os.fsencode(staging)) >= 104:  # sun_path is 104-108 bytes: bind in place
+            staging = self.path
         try:
-            sock.bind(self.path)
-            os.chmod(self.path, mode)
-            sock.listen(backlog)
+            sock.bind(staging)
+            try:
+                os.chmod(staging, mode)
+                sock.listen(backlog)
+                if staging != self.path:
+                    os.rename(staging, self.path)
+            except BaseException:
+                if staging != self.path:
+                    os.unlink(staging)
+                raise
         except BaseException:
             sock.close()
             raise
