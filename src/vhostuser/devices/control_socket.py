@@ -15,6 +15,7 @@ import selectors
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,21 @@ class LineServer:
         os.close(self._wake_w)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def attach_control_socket(backend: Any, path: str, handler: Callable[[str], str], *, name: str) -> LineServer:
+    """Serve ``handler`` on ``path`` for as long as ``backend`` lives: the server
+    is closed before ``backend.close()`` runs (device commands close their
+    back-ends when they stop)."""
+    server = LineServer(path, handler, name=name)
+    original_close = backend.close
+
+    def close() -> None:
+        server.close()
+        original_close()
+
+    backend.close = close
+    return server
 
 
 def request(path: str, line: str, timeout: float = 5.0) -> str:

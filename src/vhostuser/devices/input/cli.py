@@ -53,16 +53,9 @@ def build_backend(args: argparse.Namespace) -> InputBackend:
     source = VirtualInput(args.virtual or "keyboard", name=args.name, serial=args.serial)
     backend = InputBackend(source)
     if args.control_socket:
-        from ..control_socket import LineServer
+        from ..control_socket import attach_control_socket
 
-        server = LineServer(args.control_socket, source.command, name="input-control")
-        original_close = backend.close
-
-        def close() -> None:
-            server.close()
-            original_close()
-
-        backend.close = close  # type: ignore[method-assign]
+        attach_control_socket(backend, args.control_socket, source.command, name="input-control")
     return backend
 
 

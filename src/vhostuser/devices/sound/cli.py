@@ -65,16 +65,9 @@ def build_backend(args: argparse.Namespace) -> SoundBackend:
     backend = SoundBackend(host, output_enabled="output" in args.initial_streams,
                            input_enabled="input" in args.initial_streams)
     if args.control_socket:
-        from ..control_socket import LineServer
+        from ..control_socket import attach_control_socket
 
-        server = LineServer(args.control_socket, backend.command, name="sound-control")
-        original_close = backend.close
-
-        def close() -> None:
-            server.close()
-            original_close()
-
-        backend.close = close  # type: ignore[method-assign]
+        attach_control_socket(backend, args.control_socket, backend.command, name="sound-control")
     return backend
 
 
