@@ -315,6 +315,43 @@ def test_evset_tells_why_and_vring_started_may_register_again(serve_backend) -> 
         backend.b.close()
 
 
+class Spinner(EchoBackend):
+    """Re-registers its always-writable socket from every handle_event."""
+
+    TOKEN = FIRST_DEVICE_TOKEN + 4
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.a, self.b = socket.socketpair()
+        self.events = 0
+
+    def handle_device_event(self, token: int, evset: int, thread_id: int) -> None:
+        self.events += 1
+        self.modify_fd(self.a, self.TOKEN, EVENT_WRITE)
+
+
+def test_registry_calls_from_the_worker_and_another_thread_do_not_deadlock(serve_backend) -> None:
+    """The worker (holding its lock) calls the registry while another thread
+    unregisters and registers the same fd: neither may wait for the other forever."""
+    backend = Spinner()
+    serve_backend(backend)
+    backend.register_fd(backend.a, Spinner.TOKEN, events=EVENT_WRITE)
+
+    def churn() -> None:
+        for _ in range(300):
+            backend.unregister_fd(backend.a)
+            backend.register_fd(backend.a, Spinner.TOKEN, events=EVENT_WRITE)
+
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "register/unregister deadlocked against the worker"
+    assert backend.events > 0
+    backend.unregister_fd(backend.a)
+    backend.a.close()
+    backend.b.close()
+
+
 def test_top_level_exports_what_a_device_author_catches() -> None:
     import vhostuser
 

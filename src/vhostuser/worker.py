@@ -52,6 +52,7 @@ class Worker:
         self._stop = False
         self._kick_fds: dict[int, int] = {}
         self._device_fds: set[int] = set()
+        self._fd_lock = threading.Lock()  # guards _device_fds and their poller registrations
         self._exit = backend.exit_event(thread_id)
         if self._exit is not None:
             self.poller.register(self._exit.fileno(), EXIT_TOKEN)
@@ -97,9 +98,12 @@ class Worker:
             self.poller.unregister(fd)
 
     # ------------------------------------------------ called by the FdRegistry
+    # Under ``_fd_lock``, never under the worker lock: the registry calls these
+    # holding its own lock, and a device calls the registry from handle_event
+    # (holding the worker lock), so taking the worker lock here could deadlock.
     def watch_fd(self, fd: int, token: int, events: int = EVENT_READ) -> None:
         """Watch a device fd (register, or modify if watched already)."""
-        with self.lock:
+        with self._fd_lock:
             if fd in self._device_fds:
                 self.poller.modify(fd, token, events)
             else:
@@ -108,7 +112,7 @@ class Worker:
         self.poller.wake()
 
     def unwatch_fd(self, fd: int) -> None:
-        with self.lock:
+        with self._fd_lock:
             if fd in self._device_fds:
                 self._device_fds.discard(fd)
                 if not self.poller.closed:
@@ -119,7 +123,7 @@ class Worker:
         """After EBADF: forget registered fds that were closed (a device that
         closed an fd before unregistering it); True if there were any."""
         dropped = False
-        with self.lock:
+        with self.lock, self._fd_lock:
             for fd in [*self._kick_fds.values(), *self._device_fds]:
                 try:
                     os.fstat(fd)
